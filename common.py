@@ -1,0 +1,167 @@
+"""Small helpers shared by the experiment scripts. Nothing here knows about a particular model or data set."""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "bfloat16", "float32")
+POSITIVE_INTS = ("iters", "train_iters", "steps", "batch_size", "width")  # flags that must be >= 1
+NON_NEGATIVE = ("n_test", "eval_every", "lr", "weight_decay")  # flags that must be >= 0 (eval_every 0 = off)
+
+
+def user_error(msg):
+    """A problem the user can fix (bad flag, bad file, wrong checkpoint): one line, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        user_error(message)
+
+
+def parse_config(config_cls, argv=None):
+    """Build an argparse CLI from a Config dataclass: --snake_case and --kebab-case, bools as --x/--no-x.
+    Range checks: the common names above, plus the dataclass's own __post_init__ (raise ValueError there)."""
+    parser = _Parser(description=sys.modules[config_cls.__module__].__doc__, formatter_class=_HelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        if f.type is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            choices = DEVICES if f.name == "device" else DTYPES if f.name == "dtype" else f.metadata.get("choices")
+            parser.add_argument(*names, dest=f.name, type=f.type, default=f.default, choices=choices,
+                                help=f.metadata.get("help"))
+    args = vars(parser.parse_args(argv))
+    for name in POSITIVE_INTS:
+        if name in args and args[name] < 1:
+            user_error(f"--{name} must be >= 1, got {args[name]}")
+    for name in NON_NEGATIVE:
+        if name in args and args[name] < 0:
+            user_error(f"--{name} must be >= 0, got {args[name]}")
+    try:
+        return config_cls(**args)
+    except ValueError as e:
+        user_error(str(e))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    """auto = cuda > mps > cpu. Asking for a device this machine lacks is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        user_error(f"--device {name} requested but it is not available on this machine")
+    device = torch.device(name)
+    print(f"device: {device_name(device)}")
+    return device
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def pick_dtype(name, device):
+    """auto = bf16 autocast on CUDA, fp32 elsewhere (MPS bf16 autocast is patchy, CPU bf16 is slow)."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def autocast(device, dtype):
+    """Wraps forward + loss only; parameters and optimizer state stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def maybe_compile(module, enabled, device):
+    """torch.compile on CUDA only: it is never required, and elsewhere it costs more than it saves."""
+    return torch.compile(module) if enabled and device.type == "cuda" else module
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """Atomic: write a temp file, then rename over the old checkpoint, so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, config_cls):
+    """Load a checkpoint written by a script with this Config; anything else is a user error."""
+    if not os.path.isfile(path):
+        user_error(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        user_error(f"checkpoint {path} could not be read ({type(e).__name__})")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if not isinstance(ckpt, dict) or {"model", "config"} - ckpt.keys() or set(ckpt["config"]) != fields:
+        user_error(f"checkpoint {path} was not written by {config_cls.__module__}.py (config fields differ)")
+    return ckpt
+
+
+def eval_config(saved, cli, names):
+    """--ckpt: the model comes from the saved config; only the evaluation flags in `names` come from the CLI."""
+    return dataclasses.replace(saved, **{n: getattr(cli, n) for n in names})
+
+
+def write_results(out_dir, results):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def plot_acc_vs_iters(path, curves, train_iters, title, ylabel="accuracy"):
+    """curves: {label: [acc after 1, 2, ... iterations]}; the dashed line marks the training depth."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, acc in curves.items():
+        ax.plot(range(1, len(acc) + 1), acc, label=label)
+    ax.axvline(train_iters, color="gray", linestyle="--", label=f"train_iters = {train_iters}")
+    ax.set(xlabel="iteration", ylabel=ylabel, title=title, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,339 @@
+"""Sudoku data shared by sudoku_gnn.py, sudoku_deq.py and learned_adjacency.py: files, leak-free split, sampler.
+
+Shipped in data/ (quiz,solution per line, 81 digits each, 0 = blank, xz-compressed):
+  sudoku17.csv.xz        Royle's 49,151 17-clue puzzles with solutions from `solve` below: the training pool
+  rrn-test.csv.xz        RRN test set (Palm et al. 2018): 1,000 puzzles for each givens count 17..34
+  rrn-validation.csv.xz  RRN validation set, same layout: model selection only
+  satnet-test.csv.xz     SATNet's 10,000 puzzles (about 36 givens); its first 1,000 rows are the usual test slice
+
+The RRN puzzles are relabelled Royle puzzles with extra givens, so a pool puzzle whose solution grid is equivalent
+(digit relabelling + the sampler's row/column symmetries) to any RRN test or validation solution is dropped from
+training. A pool grid is dropped when its `grid_invariant` (equal for all equivalent grids, seconds for the whole
+pool) matches a held-out grid's; `--confirm` checks with exact canonical forms (`canonical_grid`) that every
+dropped grid is truly equivalent, i.e. that the invariant drops nothing it should keep.
+
+  python sudoku_data.py                          # split counts + sampler throughput
+  python sudoku_data.py --confirm                # ... and confirm every dropped grid with canonical forms (~2 min)
+  python sudoku_data.py --solve sudoku17.txt     # regenerate data/sudoku17.csv.xz from Royle's list (~minutes)
+"""
+import argparse
+import functools
+import itertools
+import lzma
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import torch
+
+from common import user_error
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+POOL_FILE, RRN_TEST, RRN_VAL, SATNET = (os.path.join(DATA_DIR, f) for f in (
+    "sudoku17.csv.xz", "rrn-test.csv.xz", "rrn-validation.csv.xz", "satnet-test.csv.xz"))
+
+# ---------------------------------------------------------------------------------------------------------------
+# the board: 27 units (rows, columns, boxes) and the 20 peers of each cell
+
+ROWS = [[9 * r + c for c in range(9)] for r in range(9)]
+COLS = [[9 * r + c for r in range(9)] for c in range(9)]
+BOXES = [[9 * (3 * br + r) + 3 * bc + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)]
+UNITS = ROWS + COLS + BOXES
+PEERS = [sorted({p for u in UNITS if i in u for p in u} - {i}) for i in range(81)]
+
+
+def peer_index():
+    """(81, 20) long tensor: PEERS[i] are the cells sharing a row, column or box with cell i."""
+    return torch.tensor(PEERS)
+
+
+def is_valid_grid(grid):
+    """grid (B, 81) digits 1..9 -> (B,) bool: every row, column and box holds each digit once."""
+    onehot = torch.nn.functional.one_hot(grid.long().clamp(0, 9), 10)[..., 1:]  # (B, 81, 9), 0 -> all zeros
+    per_unit = onehot[:, torch.tensor(UNITS, device=grid.device)].sum(2)  # (B, 27, 9)
+    return (per_unit == 1).all(2).all(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# solver: constraint propagation (naked + hidden singles) and depth-first search on the most constrained cell
+
+ALL = 0x1FF
+UNITS_OF = [[u for u in UNITS if i in u] for i in range(81)]
+
+
+def _assign(masks, cell, bit):
+    return all(_eliminate(masks, cell, b) for b in (1 << d for d in range(9)) if b != bit and masks[cell] & b)
+
+
+def _eliminate(masks, cell, bit):
+    if not masks[cell] & bit:
+        return True
+    masks[cell] &= ~bit
+    m = masks[cell]
+    if m == 0:
+        return False
+    if m & (m - 1) == 0 and not all(_eliminate(masks, p, m) for p in PEERS[cell]):  # naked single
+        return False
+    for unit in UNITS_OF[cell]:  # hidden single: `bit` has one place left in this unit
+        places = [c for c in unit if masks[c] & bit]
+        if not places or len(places) == 1 and not _assign(masks, places[0], bit):
+            return False
+    return True
+
+
+def _search(masks):
+    open_cells = [(bin(m).count("1"), c) for c, m in enumerate(masks) if m & (m - 1)]
+    if not open_cells:
+        return masks
+    _, cell = min(open_cells)
+    for d in range(9):
+        if masks[cell] & (1 << d):
+            trial = masks.copy()
+            if _assign(trial, cell, 1 << d) and (done := _search(trial)):
+                return done
+    return None
+
+
+def solve(quiz):
+    """quiz: 81 ints, 0 = blank -> 81 ints of a solution, or None if there is none."""
+    masks = [ALL] * 81
+    for cell, d in enumerate(quiz):
+        if d and not _assign(masks, cell, 1 << (d - 1)):
+            return None
+    done = _search(masks)
+    return None if done is None else [m.bit_length() for m in done]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files: one puzzle per line, 81 characters (digits, 0 or . for blank), optionally ",solution"; .xz is read too
+
+def read_puzzles(path):
+    """-> (quiz (N, 81) uint8, solution (N, 81) uint8 or None). Any malformed line is a user error."""
+    try:
+        with (lzma.open if path.endswith(".xz") else open)(path, "rt") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
+        user_error(f"cannot read puzzle file {path}: {e}")
+    if not lines:
+        user_error(f"{path}: no puzzles in file")
+    quizzes, solutions = [], []
+    for n, line in lines:
+        fields = line.split(",")
+        if len(fields) > 2 or len(fields) != len(lines[0][1].split(",")):
+            user_error(f"{path}:{n}: expected 'quiz' or 'quiz,solution' on every line, got {line[:40]!r}")
+        quiz = fields[0].strip().replace(".", "0")
+        if len(quiz) != 81 or not quiz.isdigit():
+            user_error(f"{path}:{n}: a puzzle needs 81 characters from 0-9 or '.', got {fields[0][:40]!r}")
+        quizzes.append(quiz)
+        if len(fields) == 2:
+            sol = fields[1].strip()
+            if len(sol) != 81 or not sol.isdigit() or "0" in sol:
+                user_error(f"{path}:{n}: a solution needs 81 digits 1-9, got {sol[:40]!r}")
+            solutions.append(sol)
+    quiz = _digits(quizzes)
+    if not solutions:
+        return quiz, None
+    sol = _digits(solutions)
+    bad = ~is_valid_grid(torch.from_numpy(sol)).numpy() | ((quiz != 0) & (quiz != sol)).any(1)
+    if bad.any():
+        n = lines[int(bad.argmax())][0]
+        user_error(f"{path}:{n}: the solution is not a valid grid that agrees with the puzzle's givens")
+    return quiz, sol
+
+
+def _digits(lines):
+    return (np.frombuffer("".join(lines).encode("ascii"), np.uint8) - ord("0")).reshape(-1, 81)
+
+
+def write_puzzles(path, quiz, sol):
+    with (lzma.open if path.endswith(".xz") else open)(path, "wt") as f:
+        for q, s in zip(quiz, sol):
+            f.write("".join(map(str, q)) + "," + "".join(map(str, s)) + "\n")
+
+
+def load_test_set(path=RRN_TEST, n_per_givens=0):
+    """-> {givens: (quiz, solution) uint8 arrays}; n_per_givens > 0 keeps the first n of each givens count."""
+    quiz, sol = read_puzzles(path)
+    givens = (quiz != 0).sum(1)
+    groups = {}
+    for g in np.unique(givens):
+        idx = np.flatnonzero(givens == g)[: n_per_givens or None]
+        groups[int(g)] = (quiz[idx], sol[idx])
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# equivalence of solution grids under relabelling, transpose, band/stack and row/column-in-band permutations
+
+def _line_perms():
+    """All 1,296 permutations of 9 lines that keep the 3-line groups (bands or stacks) intact."""
+    p3 = list(itertools.permutations(range(3)))
+    return np.array([[3 * outer[g] + inner[g][k] for g in range(3) for k in range(3)]
+                     for outer in p3 for inner in itertools.product(p3, repeat=3)])
+
+
+LINE_PERMS = _line_perms()  # (1296, 9): new line k = old line LINE_PERMS[:, k]
+LINE_INV = np.argsort(LINE_PERMS, axis=1)
+
+
+def canonical_grid(grid):
+    """The lexicographically smallest relabelled grid in the symmetry orbit of `grid` ((81,) digits 1..9), as bytes.
+    Row 0 can always be made 0..8, so the search is over which row goes on top, its band partner below it and the
+    column permutation; the rest of the order is then fixed by sorting rows inside bands and bands by their rows."""
+    best = None
+    for g in (grid.reshape(9, 9) - 1, grid.reshape(9, 9).T - 1):
+        pos = np.argsort(g, axis=1)  # pos[i, d] = column of digit d in row i
+        for top, second in ((r, s) for r in range(9) for s in range(3 * (r // 3), 3 * (r // 3) + 3) if s != r):
+            # relabel d -> new column of d in the top row: row `second` becomes c^-1 o pi o c with pi below
+            pi = pos[top][g[second]]
+            rows2 = np.take_along_axis(LINE_INV, pi[LINE_PERMS], axis=1)  # (1296, 9)
+            code = rows2 @ (9 ** np.arange(8, -1, -1))
+            for c in np.flatnonzero(code == code.min()):
+                if best is not None and code[c] > best[1]:
+                    continue
+                relabel = LINE_INV[c][pos[top]]  # digit -> new digit
+                new = relabel[g[:, LINE_PERMS[c]]] @ (9 ** np.arange(8, -1, -1))  # each row as one integer
+                third = 3 * (top // 3) + 3 - top % 3 - second % 3
+                others = sorted(tuple(sorted(new[3 * b: 3 * b + 3])) for b in range(3) if b != top // 3)
+                key = (new[top], new[second], new[third]) + others[0] + others[1]
+                if best is None or key < best:
+                    best = key
+    return np.array(best, dtype=np.int64).tobytes()
+
+
+def grid_invariant(sol):
+    """sol (N, 81) digits 1..9 -> (N,) bytes, equal for equivalent grids (cheap; may collide for others).
+    For rows i != j, the map 'column of a digit in row i -> its column in row j' is a permutation whose cycle type
+    survives relabelling and column permutations; row symmetries only reorder the pairs, so sorted multisets of
+    cycle types (within bands, across bands) are invariant; transpose swaps the row and column parts."""
+    def part(g):  # g (N, 9, 9) digits 0..8
+        n = len(g)
+        pos = np.argsort(g, axis=2).astype(np.int32)
+        pairs = np.array([(3 * b + i, 3 * b + j) for b in range(3) for i, j in ((0, 1), (0, 2), (1, 2))] +
+                         [(3 * b1 + i, 3 * b2 + j) for b1, b2 in ((0, 1), (0, 2), (1, 2)) for i in range(3) for j in range(3)])
+        sigma = np.take_along_axis(pos[:, pairs[:, 1]], g[:, pairs[:, 0]], axis=2)  # (N, 36, 9)
+        x, length = np.broadcast_to(np.arange(9, dtype=np.int32), sigma.shape), np.zeros(sigma.shape, np.int64)
+        y = x.copy()
+        for k in range(1, 10):
+            y = np.take_along_axis(sigma, y, axis=2)
+            length[(y == x) & (length == 0)] = k
+        cycle_type = (10 ** (length - 1)).sum(2)  # digit L-1 counts the elements in cycles of length L
+        inside = np.sort(np.sort(cycle_type[:, :9].reshape(n, 3, 3), 2) @ (7 ** np.arange(3)), 1)  # per band
+        across = np.sort(np.sort(cycle_type[:, 9:].reshape(n, 3, 9), 2) @ (7 ** np.arange(9)), 1)  # per band pair
+        return np.concatenate([inside, across], 1)  # (N, 6), int64 with wraparound = a hash
+    g = sol.reshape(-1, 9, 9).astype(np.int32) - 1
+    a, b = part(g), part(g.transpose(0, 2, 1))
+    differ = a != b
+    first = differ.argmax(1)[:, None]
+    swap = differ.any(1)[:, None] & (np.take_along_axis(a, first, 1) > np.take_along_axis(b, first, 1))
+    key = np.concatenate([np.where(swap, b, a), np.where(swap, a, b)], 1)  # (row part, column part), sorted
+    return [row.tobytes() for row in key]
+
+
+def held_out_solutions():
+    """The RRN test and validation solution grids, one per relabelling class (each comes with 17..34 givens)."""
+    return np.unique(_relabel_normal(np.concatenate([read_puzzles(path)[1] for path in (RRN_TEST, RRN_VAL)])), axis=0)
+
+
+@functools.cache
+def train_pool(verbose=True):
+    """Pool puzzles whose solution grid is equivalent to no RRN test or validation solution -> (quiz, sol) uint8.
+    A pool grid is dropped when its invariant matches a held-out grid's: that catches every equivalent grid, and
+    `python sudoku_data.py` confirms with canonical forms that each dropped grid is in fact equivalent."""
+    quiz, sol = read_puzzles(POOL_FILE)
+    held = held_out_solutions()
+    held_keys = set(grid_invariant(held))
+    dropped = np.array([key in held_keys for key in grid_invariant(sol)])
+    if verbose:
+        relabelled = {g.tobytes() for g in held}
+        by_relabel = sum(g.tobytes() in relabelled for g in _relabel_normal(sol[dropped]))
+        print(f"sudoku pool: {len(quiz)} puzzles; {dropped.sum()} have a solution equivalent to one of the "
+              f"{len(held)} test/validation grids ({by_relabel} by relabelling alone, "
+              f"{dropped.sum() - by_relabel} only with symmetries) and are dropped; {(~dropped).sum()} train")
+    return quiz[~dropped], sol[~dropped]
+
+
+def _relabel_normal(sol):
+    """Relabel each grid so that its first row reads 1..9: equal iff equivalent under relabelling alone."""
+    inverse = np.zeros((len(sol), 10), np.uint8)
+    np.put_along_axis(inverse, sol[:, :9].astype(np.int64), np.arange(1, 10, dtype=np.uint8)[None], axis=1)
+    return np.take_along_axis(inverse, sol.astype(np.int64), axis=1)
+
+
+def confirm_split():
+    """Slow exact check (about a minute): every dropped pool grid has a held-out grid with the same canonical form."""
+    quiz, sol = read_puzzles(POOL_FILE)
+    held_canon = {canonical_grid(g) for g in held_out_solutions()}
+    train_sol = train_pool(verbose=False)[1]
+    kept = {g.tobytes() for g in train_sol}
+    dropped = [g for g in sol if g.tobytes() not in kept]
+    confirmed = sum(canonical_grid(g) in held_canon for g in dropped)
+    leaks = sum(canonical_grid(g) in held_canon for g in train_sol)
+    print(f"canonical forms: {confirmed}/{len(dropped)} dropped grids equivalent to a held-out grid; "
+          f"{leaks} training grids equivalent to one")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training sampler (RRN's recipe): pool puzzle -> relabel digits -> random symmetry -> extra givens from the solution
+
+def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_givens=34):
+    """pool_* (N, 81) uint8 on the sampling device -> quiz (B, 81) long 0..9 (0 = blank), solution (B, 81) 1..9.
+    The givens count is uniform in min_givens..max_givens (never fewer than the pool puzzle's own)."""
+    dev, B = pool_quiz.device, batch_size
+    idx = torch.randint(len(pool_quiz), (B,), generator=generator, device=dev)
+    digits = torch.rand(B, 9, generator=generator, device=dev).argsort(1) + 1  # (B, 9) new name of digits 1..9
+    relabel = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), digits], 1)  # blank stays blank
+    perms = torch.as_tensor(LINE_PERMS, device=dev)
+    rows = perms[torch.randint(len(perms), (B,), generator=generator, device=dev)]  # (B, 9)
+    cols = perms[torch.randint(len(perms), (B,), generator=generator, device=dev)]
+    src = rows[:, :, None] * 9 + cols[:, None, :]  # (B, 9, 9): new cell (r, c) reads old cell src[r, c]
+    transpose = torch.rand(B, 1, 1, generator=generator, device=dev) < 0.5
+    src = torch.where(transpose, src.transpose(1, 2), src).reshape(B, 81)
+    quiz = relabel.gather(1, pool_quiz[idx].long().gather(1, src))
+    sol = relabel.gather(1, pool_sol[idx].long().gather(1, src))
+    target = torch.randint(min_givens, max_givens + 1, (B, 1), generator=generator, device=dev)
+    extra = target - (quiz > 0).sum(1, keepdim=True)
+    keys = torch.rand(B, 81, generator=generator, device=dev).masked_fill(quiz > 0, 2.0)
+    reveal = keys.argsort(1).argsort(1) < extra  # the `extra` blank cells with the smallest keys
+    return torch.where(reveal, sol, quiz), sol
+
+
+def _build_pool(src):
+    with open(src) as f:
+        quizzes = [[int(ch) for ch in line.strip()] for line in f if len(line.strip()) == 81 and line.strip().isdigit()]
+    t0 = time.time()
+    with multiprocessing.Pool() as workers:
+        sols = workers.map(solve, quizzes, chunksize=64)
+    quiz, sol = np.array(quizzes, np.uint8), np.array(sols, np.uint8)
+    assert is_valid_grid(torch.from_numpy(sol)).all() and ((quiz == 0) | (quiz == sol)).all()
+    write_puzzles(POOL_FILE, quiz, sol)
+    print(f"solved {len(quiz)} puzzles in {time.time() - t0:.0f} s -> {POOL_FILE}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--solve", metavar="ROYLE_TXT", help="solve Royle's list and rewrite the pool file")
+    parser.add_argument("--confirm", action="store_true", help="also confirm the split with canonical forms (slow)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.solve:
+        _build_pool(args.solve)
+    else:
+        t0 = time.time()
+        quiz, sol = train_pool()
+        print(f"split took {time.time() - t0:.1f} s")
+        if args.confirm:
+            confirm_split()
+        dev = torch.device(args.device)
+        pq, ps = torch.from_numpy(quiz).to(dev), torch.from_numpy(sol).to(dev)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        for batch in (256, 4096, 65536):
+            sample_batch(pq, ps, batch, gen)
+            n, t0 = 0, time.time()
+            while time.time() - t0 < 2:
+                sample_batch(pq, ps, batch, gen)
+                n += batch
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"sampler on {dev.type}, batch {batch}: {n / (time.time() - t0):,.0f} puzzles/s")

@@ -1,0 +1,71 @@
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from common import eval_config, load_checkpoint, parse_config, save_checkpoint
+
+
+@dataclasses.dataclass
+class Config:
+    iters: int = 4
+    train_iters: int = 2
+    lr: float = 1e-3
+    device: str = "auto"
+    compile: bool = True
+    op: str = dataclasses.field(default="add", metadata={"choices": ("add", "sub")})
+    out_dir: str = "out/x"
+
+    def __post_init__(self):
+        if self.train_iters > 100:
+            raise ValueError("--train_iters must be <= 100")
+
+
+def exit_code_and_message(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Config, argv)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+def test_parse_both_spellings_and_bools():
+    cfg = parse_config(Config, ["--train-iters", "3", "--lr", "0.5", "--no-compile", "--out_dir", "o"])
+    assert (cfg.train_iters, cfg.lr, cfg.compile, cfg.out_dir) == (3, 0.5, False, "o")
+    assert parse_config(Config, ["--train_iters", "5", "--compile"]).train_iters == 5
+    assert parse_config(Config, []) == Config()
+
+
+@pytest.mark.parametrize("argv", [["--iters", "0"], ["--lr", "-1"], ["--iters", "two"], ["--bogus", "1"],
+                                  ["--device", "tpu"], ["--op", "mul"], ["--train_iters", "101"]])
+def test_bad_values_exit_2_with_one_line(argv, capsys):
+    code, err = exit_code_and_message(argv, capsys)
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_checkpoint_round_trip_is_atomic(tmp_path):
+    path = str(tmp_path / "sub" / "ckpt.pt")
+    state = {"model": {"w": torch.randn(3, 4)}, "config": dataclasses.asdict(Config()), "step": 7}
+    save_checkpoint(path, state)
+    save_checkpoint(path, state)  # overwriting goes through the temp file too
+    assert os.listdir(tmp_path / "sub") == ["ckpt.pt"]
+    loaded = load_checkpoint(path, Config)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["step"] == 7
+
+
+def test_bad_checkpoints_exit_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    foreign = str(tmp_path / "foreign.pt")
+    save_checkpoint(foreign, {"model": {}, "config": {"other": 1}})
+    for path in (str(tmp_path / "missing.pt"), str(garbage), foreign):
+        with pytest.raises(SystemExit) as e:
+            load_checkpoint(path, Config)
+        assert e.value.code == 2
+        assert path in capsys.readouterr().err
+
+
+def test_eval_config_takes_only_evaluation_flags():
+    saved, cli = Config(train_iters=3, lr=0.1), Config(iters=9, lr=0.5)
+    cfg = eval_config(saved, cli, ["iters"])
+    assert (cfg.iters, cfg.train_iters, cfg.lr) == (9, 3, 0.1)

@@ -1,0 +1,114 @@
+"""Every script end to end with tiny flags: the results.json contract, pictures, checkpoint, --ckpt, --resume,
+determinism and the command-line errors. A new experiment adds one row to SCRIPTS."""
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# script -> (tiny flags for a CPU run of a few seconds, headline keys the script promises)
+SCRIPTS = {
+    "grokking_mod97": (["--p", "11", "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+                       ["steps_to_95", "steps_to_99", "seconds_to_99"]),
+    "recurrent_addition": (["--steps", "4", "--iters", "4", "--train_iters", "2", "--width", "16"], []),
+    "recurrent_shortest_path": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"], []),
+    "sudoku_gnn": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+                   ["solved_17_at_iters", "solved_30_34_at_iters", "solved_all_at_iters", "drop_to_4x_iters",
+                    "samples_per_s"]),
+    "sudoku_deq": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+                   ["spectral_radius", "residual"]),
+    "learned_adjacency": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+                          ["adjacency_precision", "adjacency_recall"]),
+}
+CKPT_KEYS = {"model", "optimizer", "config", "step", "results", "rng"}
+
+
+def flag(args, name):
+    return int(args[args.index(name) + 1])
+
+
+def run(script, args):
+    module = importlib.import_module(script)
+    return module.main(parse_config(module.Config, args))
+
+
+def check_contract(script, out_dir, iters, headline_keys):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["script"] == script and results["iters"] == iters
+    for key in ("config", "train_iters", "train_time_s", "samples_per_s", "peak_mem_gb", "device", "torch", "seed"):
+        assert key in results, key
+    assert results["acc"], "no accuracy curves"
+    for name, curve in results["acc"].items():
+        assert len(curve) == iters, name
+        assert all(0.0 <= a <= 1.0 for a in curve), name
+    assert set(headline_keys) <= set(results["headline"])
+    assert os.path.getsize(os.path.join(out_dir, "acc_vs_iters.png")) > 0
+    return results
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_end_to_end(script, tmp_path):
+    args, headline_keys = SCRIPTS[script]
+    iters, steps = flag(args, "--iters"), flag(args, "--steps")
+    out = str(tmp_path / "run")
+    results = run(script, args + ["--out_dir", out, "--device", "cpu"])
+    assert results == check_contract(script, out, iters, headline_keys)
+
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert CKPT_KEYS <= set(ckpt) and ckpt["step"] == steps
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["config"].values())
+
+    # --ckpt: evaluation only, with more iterations than before
+    evaluated = run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), "--iters", str(iters + 2),
+                             "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    check_contract(script, str(tmp_path / "eval"), iters + 2, headline_keys)
+    assert evaluated["config"]["width"] == ckpt["config"]["width"]
+
+    # same seed on CPU -> same curves
+    again = run(script, args + ["--out_dir", str(tmp_path / "again"), "--device", "cpu"])
+    assert again["acc"] == results["acc"]
+
+    # --resume continues from the saved step
+    run(script, args + ["--out_dir", out, "--device", "cpu", "--resume", "--steps", str(2 * steps)])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2 * steps
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("bad", [["--iters", "0"], ["--batch_size", "-1"], ["--device", "tpu"],
+                                 ["--no_such_flag", "1"], ["--steps", "many"]])
+def test_bad_flags_exit_2(script, bad, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        parse_config(module.Config, bad)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_errors_are_one_line(script, tmp_path):
+    """From the real command line: a missing checkpoint and a checkpoint of another script exit 2, no traceback."""
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "config": {"not_a_field": 1}}, other)
+    for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(other)]):
+        proc = subprocess.run([sys.executable, f"{script}.py", *args, "--out_dir", str(tmp_path / "o")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_configs_are_plain():
+    """Checkpoints hold the config as plain types, so every field must be int, float, str or bool."""
+    for script in SCRIPTS:
+        for f in dataclasses.fields(importlib.import_module(script).Config):
+            assert f.type in (int, float, str, bool), (script, f.name)
