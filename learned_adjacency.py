@@ -1,0 +1,469 @@
+"""Sudoku without the rules: a transformer samples each cell's neighbours, a recurrent GNN reasons over them.
+
+sudoku_gnn.py hand-codes the graph (each cell talks to its 20 row/column/box peers). Here the model sees only the 81
+cell tokens (digit embedding + learned position) and must find the graph itself. A small transformer's top
+attention head gives, for every cell i, probabilities p(j | i) over the 80 other cells; K neighbours per cell are
+SAMPLED without replacement (Gumbel-top-k) and handed to a recurrent GNN of sudoku_gnn's family (loss after every
+iteration, so it can run longer at test time). Sampling is not differentiable, so the sampler learns from the
+surrogate loss of stochastic computation graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i),
+with a PER-CELL reward r_i = -(cell i's cross-entropy, mean over iterations), a baseline b_i (none | EMA per cell |
+RLOO = mean reward of the other graphs drawn for the same puzzle) and an entropy bonus. q(S_i) is the probability
+of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the
+estimator unbiased (the set's gradient is the expectation of the ordered one given the set). The per-cell reward
+is local credit: it ignores how cell i's edges change other cells' losses after 2+ iterations, a bias traded for
+far lower variance than one reward per board. Adjacency precision/recall against the true peers is a metric only:
+the row/column/box structure appears nowhere in the model, the data or the loss.
+
+Reported: solved rate on the RRN test after every iteration 1..--iters (sampled or top-K test graph), adjacency
+precision/recall over training (uniform sampling: 25%), and the variance of the sampler's gradient estimate under
+each baseline, measured on the same graph draws of a fixed validation batch (adjacency.png, results.json).
+
+Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
+    python learned_adjacency.py --iters 64
+GPU result: not yet measured.
+CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread, seed 0:
+    python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
+        --max_givens 50 --curriculum 0 --train_iters 4 --iters 8 --steps 600 --batch_size 16 --warmup 20 \\
+        --sampler_lr 3e-3 --n_test 10 --eval_every 50 --var_draws 8
+    CPU result: see the README (measured numbers, seed 0).
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (autocast, device_name, eval_config, load_checkpoint, maybe_compile, parse_config, peak_mem_gb,
+                    pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint, set_rng_state, set_seed,
+                    sync, user_error, write_results)
+from sudoku_data import RRN_TEST, RRN_VAL, load_test_set, peer_index, sample_batch, train_pool
+
+BASELINES = ("none", "ema", "rloo")
+
+
+@dataclass
+class Config:
+    # data
+    min_givens: int = 17  # training puzzles have U[min_givens, max_givens] givens
+    max_givens: int = 34
+    curriculum: float = 0.2  # fraction of steps over which the lowest givens count falls from max to min_givens
+    # model
+    width: int = 96  # GNN node state size d
+    msg_width: int = 96  # hidden units of the message MLP on each edge
+    k: int = 20  # neighbours sampled per cell (the true graph has 20 peers)
+    sampler_width: int = 64  # transformer width of the graph sampler
+    sampler_layers: int = 2  # transformer layers before the top attention head
+    # training
+    train_iters: int = 32  # GNN iterations with gradient, loss after every one
+    steps: int = 30000
+    batch_size: int = 128  # puzzles per step; each is run on n_graphs sampled graphs
+    n_graphs: int = 4  # graphs drawn per puzzle (RLOO needs >= 2)
+    lr: float = 2e-3  # GNN learning rate
+    sampler_lr: float = 1e-3  # graph sampler learning rate (surrogate loss only)
+    weight_decay: float = 0.01
+    warmup: int = 500  # linear warm-up steps, then cosine decay to lr/10
+    baseline: str = field(default="rloo", metadata={"choices": BASELINES})
+    ema_decay: float = 0.99  # for --baseline ema: per-cell running mean of the reward
+    entropy: float = 1e-3  # weight of the entropy bonus on p(j | i)
+    seed: int = 0
+    # evaluation
+    iters: int = 64  # maximum GNN iterations at test; the solved rate is reported after every one
+    n_test: int = 0  # test puzzles per givens count (RRN test has 1,000 each); 0 = all
+    test_graph: str = field(default="topk", metadata={"choices": ("sampled", "topk")})  # graph used at test time
+    eval_every: int = 1000  # log validation solved rate, precision and gradient variance; 0 = only at the end
+    var_draws: int = 16  # repeated graph draws for the gradient-variance measurement
+    # system
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+    out_dir: str = "out/learned_adjacency"
+    resume: bool = False
+    ckpt: str = ""  # evaluate this checkpoint instead of training
+
+    def __post_init__(self):
+        if not 17 <= self.min_givens <= self.max_givens <= 81:
+            raise ValueError(f"need 17 <= --min_givens <= --max_givens <= 81, got {self.min_givens}, {self.max_givens}")
+        if not 0 <= self.curriculum <= 1:
+            raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
+        if not 1 <= self.k <= 79:
+            raise ValueError(f"--k must be in 1..79 (80 would be the full graph), got {self.k}")
+        if self.n_graphs < 2 or self.var_draws < 2:
+            raise ValueError("--n_graphs and --var_draws must be >= 2 (leave-one-out and variance need two draws)")
+        if min(self.msg_width, self.sampler_width, self.sampler_layers) < 1 or self.sampler_width % 4:
+            raise ValueError("--msg_width, --sampler_layers >= 1; --sampler_width a positive multiple of 4 (heads)")
+        if self.warmup < 0 or self.entropy < 0 or self.sampler_lr < 0 or not 0 <= self.ema_decay < 1:
+            raise ValueError("--warmup, --entropy, --sampler_lr must be >= 0 and --ema_decay in [0, 1)")
+
+
+EVAL_FLAGS = ("iters", "n_test", "test_graph", "eval_every", "var_draws", "device", "dtype", "compile", "out_dir",
+              "ckpt")
+EVAL_BATCH = 1024  # puzzles per evaluation forward
+ITER_CHUNK = 16  # GNN iterations per evaluation call; the state is carried between calls
+VAL_N = 50  # validation puzzles per givens count for the --eval_every log
+VAR_N = 4  # validation puzzles per givens count in the fixed batch of the gradient-variance measurement
+EVAL_SEED = 1234  # test-time graph draws do not depend on --seed, so every run is scored on the same draws
+PLOT_GROUPS = ("17", "20", "23", "26", "30", "34")
+NEG = -1e9  # log-probability of a cell choosing itself: finite, so p log p and logsumexp stay NaN-free
+
+
+# ---------------------------------------------------------------- graph sampler
+
+class GraphSampler(nn.Module):
+    """Transformer over the 81 cell tokens; its top attention head's logits are log p(j | i) over cells j != i."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.sampler_width
+        self.digit = nn.Embedding(10, w)
+        self.pos = nn.Parameter(torch.randn(81, w) * 0.1)
+        layer = nn.TransformerEncoderLayer(w, 4, 4 * w, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, cfg.sampler_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(w)
+        self.qk = nn.Linear(w, 2 * w)
+        self.register_buffer("reward_ema", torch.zeros(81))  # per-cell baseline for --baseline ema
+
+    def forward(self, quiz):  # quiz (B, 81) -> log p (B, 81, 81), rows sum to 1 over j != i
+        h = self.norm(self.body(self.digit(quiz) + self.pos))  # (B, 81, w)
+        q, k = self.qk(h).float().chunk(2, -1)
+        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, 81, 81)
+        eye = torch.eye(81, dtype=torch.bool, device=quiz.device)
+        return logits.masked_fill(eye, NEG).log_softmax(-1)
+
+
+def gumbel_topk(logp, k, generator):
+    """K cells without replacement per row: the top-k of log p + Gumbel noise, in the order sequential sampling
+    would draw them. logp (..., N) -> indices (..., k)."""
+    u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_min(1e-20)
+    return (logp - torch.log(-torch.log(u))).topk(k, -1).indices
+
+
+def ordered_log_prob(logp, idx):
+    """log q of an ordered draw without replacement: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))].
+    The mass still available at draw t is (mass never drawn) + (mass drawn at t or later): two sums of positive
+    terms, so it never cancels to 0 when p is peaked. logp (..., N), idx (..., k) -> (...)."""
+    lp = logp.gather(-1, idx)  # (..., k)
+    log_rest = logp.scatter(-1, idx, NEG).logsumexp(-1, keepdim=True)  # (..., 1)
+    log_tail = lp.flip(-1).logcumsumexp(-1).flip(-1)  # (..., k): log sum_{u>=t} p(s_u)
+    return (lp - torch.logaddexp(log_rest, log_tail)).sum(-1)
+
+
+def surrogate(logq, reward, baseline, ema=None):
+    """Score-function surrogate whose gradient estimates grad E[r]: -(r - b) log q, averaged.
+    logq, reward (G, B, 81) for G graphs per puzzle; the baseline never depends on the graph it is used with."""
+    if baseline == "rloo":
+        b = (reward.sum(0, keepdim=True) - reward) / (len(reward) - 1)  # mean of the OTHER graphs of this puzzle
+    else:
+        b = ema if baseline == "ema" else torch.zeros_like(reward)
+    return -((reward - b).detach() * logq).mean()
+
+
+# ---------------------------------------------------------------- reasoner: recurrent GNN on the sampled graph
+
+class Cell(nn.Module):
+    """One iteration: messages from the K sampled neighbours, averaged, then a GRU update with input recall."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, m = cfg.width, cfg.msg_width
+        self.m = m
+        self.from_h = nn.Linear(d, 2 * m + 3 * d)  # A h_i, B h_j (first message layer, split) and the GRU's h gates
+        self.from_msg = nn.Linear(m, 3 * d, bias=False)  # second message layer folded into the GRU's input gates
+
+    def forward(self, h, x_gates, nbrs):  # h (B, 81, d), x_gates (B, 81, 3d), nbrs (B, 81, K)
+        a, b, h_gates = self.from_h(h).split([self.m, self.m, 3 * h.shape[-1]], -1)
+        rows = torch.arange(len(h), device=h.device)[:, None, None]
+        edges = F.relu(a.unsqueeze(2) + b[rows, nbrs])  # (B, 81, K, m): projected before the gather, like sudoku_gnn
+        gates = x_gates + self.from_msg(edges.mean(2))  # (B, 81, 3d)
+        r_x, z_x, n_x = gates.chunk(3, -1)
+        r_h, z_h, n_h = h_gates.chunk(3, -1)
+        r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
+        return (1 - z) * torch.tanh(n_x + r * n_h) + z * h  # stays in (-1, 1) however long it runs
+
+
+class GNN(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.width
+        self.digit = nn.Embedding(10, d)  # 0 = blank
+        self.pos = nn.Parameter(torch.randn(81, d) * 0.1)
+        self.x_gates = nn.Linear(d, 3 * d)  # input recall: the same projection every iteration, so made once
+        self.cell = Cell(cfg)
+        self.head = nn.Linear(d, 9)
+
+    def forward(self, quiz, nbrs, iters, h=None):
+        """quiz (B, 81), nbrs (B, 81, K) -> logits after each of `iters` iterations (iters, B, 81, 9), state h."""
+        x = self.digit(quiz) + self.pos  # (B, 81, d)
+        x_gates = self.x_gates(x)
+        h = torch.tanh(x) if h is None else h
+        logits = []
+        for _ in range(iters):
+            h = self.cell(h, x_gates, nbrs)
+            logits.append(self.head(h))
+        return torch.stack(logits), h
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.sampler, self.gnn = GraphSampler(cfg), GNN(cfg)
+
+
+def cell_losses(logits, sol):  # logits (T, B, 81, 9), sol (B, 81) 1..9 -> cross-entropy (T, B, 81)
+    target = (sol - 1).expand(len(logits), -1, -1)
+    return F.cross_entropy(logits.float().flatten(0, 2), target.flatten(), reduction="none").view(target.shape)
+
+
+def draw_graphs(model, quiz, sol, cfg, gen):
+    """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), log p."""
+    logp = model.sampler(quiz)  # (B, 81, 81)
+    G = cfg.n_graphs
+    nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
+    logq = ordered_log_prob(logp.expand(G, -1, -1, -1), nbrs)  # (G, B, 81)
+    logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.train_iters)  # (T, G*B, 81, 9)
+    ce = cell_losses(logits, sol.repeat(G, 1))  # (T, G*B, 81)
+    return ce.mean(), logq, -ce.detach().mean(0).view(logq.shape), logp
+
+
+# ---------------------------------------------------------------- metrics
+
+def true_adjacency(peers):  # peers (N, deg) -> (N, N) bool; only ever used to score a graph, never to build one
+    adj = torch.zeros(len(peers), len(peers), dtype=torch.bool, device=peers.device)
+    adj[torch.arange(len(peers), device=peers.device)[:, None], peers] = True
+    return adj
+
+
+def adjacency_scores(nbrs, adj):
+    """nbrs (B, N, K) chosen neighbours, adj (N, N) true graph -> precision, recall per graph (B,) each:
+    the fraction of chosen edges that are true, the fraction of each node's true neighbours that were chosen."""
+    hits = adj[torch.arange(len(adj), device=adj.device)[:, None], nbrs]  # (B, N, K)
+    return hits.float().mean((1, 2)), (hits.sum(-1) / adj.sum(1)).mean(1)
+
+
+def pick_graph(model, quiz, cfg, gen):  # (B, 81) -> nbrs (B, 81, K), and log p (B, 81, 81)
+    logp = model.sampler(quiz)
+    return (gumbel_topk(logp, cfg.k, gen) if cfg.test_graph == "sampled" else logp.topk(cfg.k, -1).indices), logp
+
+
+@torch.no_grad()
+def evaluate(model, test, iters, cfg, adj, dtype):
+    """Solved rate (all 81 cells right) after each iteration 1..iters per givens count and overall, the test
+    graphs' precision/recall against the true peers, and the mean p(j | i) over all test puzzles (81, 81)."""
+    dev = adj.device
+    gen = torch.Generator(device=dev).manual_seed(EVAL_SEED)
+    acc, solved, prec, rec, mean_p = {}, [], [], [], torch.zeros(81, 81, device=dev)
+    for g, (quiz, sol) in test.items():
+        correct = torch.zeros(iters, len(quiz), dtype=torch.bool, device=dev)
+        for i in range(0, len(quiz), EVAL_BATCH):
+            q, s, h = quiz[i:i + EVAL_BATCH], sol[i:i + EVAL_BATCH], None
+            with autocast(dev, dtype):
+                nbrs, logp = pick_graph(model, q, cfg, gen)
+            precision, recall = adjacency_scores(nbrs, adj)
+            prec.append(precision), rec.append(recall)
+            mean_p += logp.float().exp().sum(0)
+            for t0 in range(0, iters, ITER_CHUNK):
+                k = min(ITER_CHUNK, iters - t0)
+                with autocast(dev, dtype):
+                    logits, h = model.gnn(q, nbrs, k, h)
+                correct[t0:t0 + k, i:i + EVAL_BATCH] = (logits.argmax(-1) + 1 == s).all(-1)
+        acc[str(g)] = correct.float().mean(1).tolist()
+        solved.append(correct)
+    acc["all"] = torch.cat(solved, 1).float().mean(1).tolist()
+    prec, rec = torch.cat(prec), torch.cat(rec)
+    return acc, prec.mean().item(), rec.mean().item(), (mean_p / len(prec)).cpu()
+
+
+def grad_variance(model, quiz, sol, cfg, draws, dtype):
+    """Total variance (trace of the covariance) of the sampler's surrogate gradient over `draws` independent graph
+    draws on one fixed batch, for each baseline. Every baseline is scored on the SAME draws, so the differences
+    come from the baseline alone. Fixed draw seed: the numbers do not depend on --seed's training stream."""
+    params = [p for p in model.sampler.parameters() if p.requires_grad]
+    gen = torch.Generator(device=quiz.device).manual_seed(EVAL_SEED)
+    grads = {b: [] for b in BASELINES}
+    for _ in range(draws):
+        with autocast(quiz.device, dtype):
+            _, logq, reward, _ = draw_graphs(model, quiz, sol, cfg, gen)
+        for b in BASELINES:
+            g = torch.autograd.grad(surrogate(logq, reward, b, model.sampler.reward_ema), params, retain_graph=True)
+            grads[b].append(torch.cat([x.flatten() for x in g]))
+    return {b: torch.stack(v).var(0).sum().item() for b, v in grads.items()}
+
+
+# ---------------------------------------------------------------- pictures
+
+def plot_adjacency(path, log, mean_p, adj, k):
+    """Left: precision/recall of the sampled graphs over training. Middle: gradient variance per baseline.
+    Right: the learned mean p(j | i) next to the true peer graph (row i = cell i, column j = candidate j)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 4, figsize=(17, 4))
+    steps = [e["step"] for e in log]
+    ax[0].plot(steps, [e["precision"] for e in log], label="precision (sampled)")
+    ax[0].plot(steps, [e["recall"] for e in log], label="recall (sampled)")
+    ax[0].plot(steps, [e["precision_topk"] for e in log], label="precision (top-K)")
+    ax[0].axhline(0.25, color="gray", linestyle="--", label="uniform: 25%")
+    ax[0].set(xlabel="step", ylabel="vs the true 20 peers", ylim=(0, 1.02), title=f"learned graph, K = {k}")
+    ax[0].legend(fontsize=8)
+    for b in BASELINES:
+        ax[1].plot(steps, [e["grad_var"][b] for e in log], label=f"baseline {b}")
+    ax[1].set(xlabel="step", ylabel="trace Cov(sampler gradient)", yscale="log", title="gradient variance")
+    ax[1].legend(fontsize=8)
+    ax[2].imshow(mean_p.numpy(), cmap="viridis")
+    ax[2].set(title="learned mean p(j | i)", xlabel="j", ylabel="i")
+    ax[3].imshow(adj.cpu().numpy(), cmap="viridis")
+    ax[3].set(title="true peers (never seen by the model)", xlabel="j", ylabel="i")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def to_device(groups, n, device):
+    return {g: (torch.from_numpy(q[:n or None]).long().to(device), torch.from_numpy(s[:n or None]).long().to(device))
+            for g, (q, s) in groups.items()}
+
+
+def main(cfg):
+    saved = None
+    if cfg.ckpt:
+        saved = load_checkpoint(cfg.ckpt, Config)
+        cfg = eval_config(Config(**saved["config"]), cfg, EVAL_FLAGS)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    model = Model(cfg).to(device)
+    opt = torch.optim.AdamW([{"params": model.gnn.parameters(), "lr": cfg.lr, "base_lr": cfg.lr},
+                             {"params": model.sampler.parameters(), "lr": cfg.sampler_lr, "base_lr": cfg.sampler_lr}],
+                            weight_decay=cfg.weight_decay)
+    data_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    graph_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # its own stream: data stays comparable
+    adj = true_adjacency(peer_index().to(device))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step, time_before, val_log = 0, 0.0, []
+    state = saved
+    if cfg.resume and not cfg.ckpt:
+        state = load_checkpoint(ckpt_path, Config)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            user_error(f"checkpoint weights do not fit the model built from its config (width {cfg.width}, "
+                       f"msg_width {cfg.msg_width}, sampler_width {cfg.sampler_width})")
+        if not cfg.ckpt:
+            opt.load_state_dict(state["optimizer"])
+            step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
+            data_gen.set_state(state["data_rng"].to(data_gen.get_state().device))
+            graph_gen.set_state(state["graph_rng"].to(graph_gen.get_state().device))
+            set_rng_state(state["rng"])
+    model.gnn.cell = maybe_compile(model.gnn.cell, cfg.compile, device)  # the hot step, run train_iters times
+    n_gnn, n_sampler = (sum(p.numel() for p in m.parameters()) for m in (model.gnn, model.sampler))
+    print(f"GNN {n_gnn} parameters (width {cfg.width}), sampler {n_sampler} parameters; K = {cfg.k}, baseline "
+          f"{cfg.baseline}, {cfg.batch_size} puzzles x {cfg.n_graphs} graphs, givens {cfg.min_givens}-{cfg.max_givens}")
+    val_np = load_test_set(RRN_VAL, VAL_N)
+    val = to_device(val_np, min(VAL_N, cfg.n_test or VAL_N), device)  # --n_test caps it
+    var_batch = [torch.cat(t) for t in zip(*to_device(val_np, min(VAR_N, cfg.n_test or VAR_N), device).values())]
+
+    def snapshot(elapsed, results=None):
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg), "step": step,
+                "results": results, "rng": rng_state(), "data_rng": data_gen.get_state(),
+                "graph_rng": graph_gen.get_state(), "val_log": val_log, "train_time_s": time_before + elapsed}
+
+    def val_stats():
+        """Validation solved rate at train_iters, precision/recall of sampled and top-K graphs, gradient variance."""
+        model.eval()
+        stats = {}
+        for mode in ("topk", "sampled"):
+            acc, precision, recall, _ = evaluate(model, val, cfg.train_iters, replace(cfg, test_graph=mode), adj, dtype)
+            stats[f"val_solved_{mode}"], stats[f"precision_{mode}"], stats[f"recall_{mode}"] = acc["all"][-1], precision, recall
+        stats["precision"], stats["recall"] = stats.pop("precision_sampled"), stats.pop("recall_sampled")
+        stats["grad_var"] = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
+        model.train()
+        return stats
+
+    if not cfg.ckpt:
+        pool_quiz, pool_sol = (torch.from_numpy(a).to(device) for a in train_pool())
+        if step == 0 and cfg.eval_every:
+            val_log.append({"step": 0, "loss": None} | val_stats())
+    sync(device)
+    t0, start, eval_s = time.time(), step, 0.0
+    if not cfg.ckpt:
+        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, file=sys.stdout, disable=None)
+        try:
+            for i in bar:
+                frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * min(1.0, (i + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * frac))
+                # curriculum: easy puzzles first, where a given peer is an immediate, visible reward for an edge
+                ramp = min(1.0, i / max(1.0, cfg.curriculum * cfg.steps))
+                lo = round(cfg.max_givens - ramp * (cfg.max_givens - cfg.min_givens))
+                quiz, sol = sample_batch(pool_quiz, pool_sol, cfg.batch_size, data_gen, lo, cfg.max_givens)
+                with autocast(device, dtype):
+                    gnn_loss, logq, reward, logp = draw_graphs(model, quiz, sol, cfg, graph_gen)
+                    entropy = -(logp.exp() * logp).sum(-1).mean()
+                    ema = model.sampler.reward_ema
+                    loss = gnn_loss + surrogate(logq, reward, cfg.baseline, ema) - cfg.entropy * entropy
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.gnn.parameters(), 1.0)
+                opt.step()
+                ema.lerp_(reward.mean((0, 1)), 1 - cfg.ema_decay)  # updated after use: b never sees its own draw
+                step = i + 1
+                if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+                    sync(device)  # a log step: the only place the loop waits for the device
+                    t_eval = time.time()
+                    speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
+                    val_log.append({"step": step, "loss": gnn_loss.item()} | val_stats())
+                    eval_s += time.time() - t_eval
+                    e = val_log[-1]
+                    bar.set_postfix(loss=f"{gnn_loss.item():.4f}", prec=f"{e['precision']:.3f}",
+                                    val_solved=f"{e['val_solved_sampled']:.3f}", puzzles_per_s=f"{speed:.0f}")
+                    bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "
+                              f"{e['precision_topk']:.3f} | val solved {e['val_solved_sampled']:.3f} | grad var "
+                              + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + f" | givens >={lo}")
+        except KeyboardInterrupt:
+            save_checkpoint(ckpt_path, snapshot(time.time() - t0))
+            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
+            sys.exit(130)
+        bar.close()
+    sync(device)
+    elapsed = time.time() - t0
+    train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]
+    samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
+
+    model.eval()
+    test = to_device(load_test_set(RRN_TEST), cfg.n_test, device)
+    acc, precision, recall, mean_p = evaluate(model, test, cfg.iters, cfg, adj, dtype)
+    grad_var = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
+    headline = {"adjacency_precision": precision, "adjacency_recall": recall,
+                "solved_17_at_iters": acc["17"][-1] if "17" in acc else None, "solved_all_at_iters": acc["all"][-1],
+                "best_solved_all": max(acc["all"]), "samples_per_s": samples_per_s} | {
+                f"grad_var_{b}": v for b, v in grad_var.items()}
+    results = {"script": "learned_adjacency", "config": asdict(cfg), "train_iters": cfg.train_iters,
+               "iters": cfg.iters, "acc": acc, "headline": headline, "test_graph": cfg.test_graph,
+               "val_log": val_log, "train_time_s": train_time, "samples_per_s": samples_per_s,
+               "peak_mem_gb": peak_mem_gb(device), "device": device_name(device), "torch": str(torch.__version__),
+               "seed": cfg.seed}
+    write_results(cfg.out_dir, results)
+    if not cfg.ckpt:
+        save_checkpoint(ckpt_path, snapshot(elapsed, results))
+    plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"),
+                      {f"{g} givens": acc[g] for g in PLOT_GROUPS if g in acc} | {"all": acc["all"]},
+                      cfg.train_iters, f"learned graph ({cfg.test_graph}, K = {cfg.k}), RRN test", ylabel="solved rate")
+    if val_log:
+        plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k)
+    fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
+    print(f"final: {cfg.test_graph} graph precision {precision:.3f} recall {recall:.3f} | solved at {cfg.iters} "
+          f"iters: 17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | grad var none "
+          f"{grad_var['none']:.3g} ema {grad_var['ema']:.3g} rloo {grad_var['rloo']:.3g} | train {train_time:.0f} s, "
+          f"{fmt(samples_per_s, '.0f')} puzzles/s")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
