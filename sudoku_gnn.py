@@ -22,10 +22,12 @@ is a valid grid that keeps the givens); movie.gif of a hard puzzle; `--ckpt PATH
 Headline (trained with 32 iterations, evaluated with 64):
     python sudoku_gnn.py --iters 64
 GPU result: not yet measured.
-CPU-scale version (easy puzzles, 30-34 givens, small model), 1 thread:
-    python sudoku_gnn.py --device cpu --width 48 --min_givens 30 --train_iters 16 --iters 32 --steps 600 \\
-        --batch_size 32 --lr 2e-3 --warmup 50 --n_test 20 --eval_every 200
-    CPU result: see the README (measured numbers, seed 0).
+CPU-scale version (easy puzzles, 30-34 givens, small model), 1 thread of a shared CPU, seed 0:
+    python sudoku_gnn.py --device cpu --min_givens 30 --curriculum 0.3 --width 32 --msg_width 32 --train_iters 8 \\
+        --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --iters 32 --n_test 20 --n_overthink 10 --eval_every 250
+    CPU result: 150 s of training; RRN test (20 per givens count) solved 97.0% at 30-34 givens, 55.8% overall, 0% at
+    17 (it never trained below 30 givens) after 32 iterations, 0% after 1. The full test set (--ckpt, --iters 64):
+    79.5% at 30-34 givens, 50.0% overall, 2.0% at 17.
 """
 import math
 import os
