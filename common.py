@@ -140,6 +140,15 @@ def load_checkpoint(path, config_cls):
     return ckpt
 
 
+def load_weights(model, weights):
+    """Weights that do not fit the model built from the checkpoint's config are a user error, not a traceback."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        user_error(f"checkpoint weights do not fit the model built from its config ({detail})")
+
+
 def eval_config(saved, cli, names):
     """--ckpt: the model comes from the saved config; only the evaluation flags in `names` come from the CLI."""
     return dataclasses.replace(saved, **{n: getattr(cli, n) for n in names})

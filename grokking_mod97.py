@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, maybe_compile, parse_config, peak_mem_gb,
-                    pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint, set_rng_state, set_seed,
-                    sync, user_error, write_results)
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
+                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, sync, write_results)
 
 # the recipe of Power et al. (2022); `--recipe power` overrides these flags with it
 POWER = dict(optimizer="adamw", lr=1e-3, weight_decay=1.0, beta1=0.9, beta2=0.98, batch_size=512, warmup=10,
@@ -217,10 +217,7 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
     hist = torch.zeros(cfg.steps, len(HIST), device=device)  # written every step, read only at log steps
     step, time_before, seconds_to_target = 0, 0.0, None
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:
-            user_error("checkpoint weights do not fit the model built from these flags")
+        load_weights(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         for e, saved in zip(ema, state["grokfast"]):
             e.copy_(saved)
@@ -351,10 +348,7 @@ def main(cfg):
 
     if saved is not None:  # evaluation only: rebuild, load, sweep --iters
         model = Net(cfg).to(device)
-        try:
-            model.load_state_dict(saved["model"])
-        except RuntimeError:
-            user_error(f"checkpoint {cfg.ckpt} weights do not fit the model in its own config")
+        load_weights(model, saved["model"])
         runs, models = saved["runs"], [model]
         # an interrupted run's checkpoint has no results yet
         headline = {**dict.fromkeys(("steps_to_95", "steps_to_99", "seconds_to_99")),

@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, maybe_compile, parse_config, peak_mem_gb,
-                    pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint, set_rng_state, set_seed,
-                    sync, user_error, write_results)
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
+                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, sync, write_results)
 from sudoku_data import RRN_TEST, RRN_VAL, load_test_set, peer_index, sample_batch, train_pool
 
 BASELINES = ("none", "ema", "rloo")
@@ -352,11 +352,7 @@ def main(cfg):
     if cfg.resume and not cfg.ckpt:
         state = load_checkpoint(ckpt_path, Config)
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:
-            user_error(f"checkpoint weights do not fit the model built from its config (width {cfg.width}, "
-                       f"msg_width {cfg.msg_width}, sampler_width {cfg.sampler_width})")
+        load_weights(model, state["model"])
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]

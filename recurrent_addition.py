@@ -49,9 +49,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, maybe_compile, parse_config, peak_mem_gb,
-                    pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint, set_rng_state, set_seed,
-                    sync, user_error, write_results)
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
+                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, sync, write_results)
 
 PAD = 10  # input token for "this operand has no digit in this column"
 EVAL_POSITIONS = 1 << 17  # rows * columns per evaluation chunk, bounds memory at 1,000 digits
@@ -301,11 +301,7 @@ def main(cfg):
     if cfg.resume and not cfg.ckpt:
         state = load_checkpoint(ckpt_path, Config)
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:
-            user_error(f"checkpoint weights do not fit the model built from its config ({cfg.model}, "
-                       f"width {cfg.width})")
+        load_weights(model, state["model"])
         results = state["results"]
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])

@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, maybe_compile, parse_config, peak_mem_gb,
-                    pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint, set_rng_state, set_seed,
-                    sync, user_error, write_results)
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
+                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, sync, user_error, write_results)
 
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "uscities.csv")
 BUCKETS = ((1, 9, "1-9"), (10, 19, "10-19"), (20, 29, "20-29"), (30, 10**6, "30+"))  # optimal hops per group
@@ -409,10 +409,7 @@ def main(cfg):
     if cfg.ckpt or cfg.resume:
         if cfg.resume and not cfg.ckpt:
             ckpt = load_checkpoint(ckpt_path, Config)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError) as e:
-            user_error(f"checkpoint does not fit this model ({str(e).splitlines()[0]})")
+        load_weights(model, ckpt["model"])
         if cfg.resume and not cfg.ckpt:
             opt.load_state_dict(ckpt["optimizer"])
             step, train_time = ckpt["step"], ckpt.get("train_time_s", 0.0)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from common import eval_config, load_checkpoint, parse_config, save_checkpoint
+from common import eval_config, load_checkpoint, load_weights, parse_config, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -69,3 +69,12 @@ def test_eval_config_takes_only_evaluation_flags():
     saved, cli = Config(train_iters=3, lr=0.1), Config(iters=9, lr=0.5)
     cfg = eval_config(saved, cli, ["iters"])
     assert (cfg.iters, cfg.train_iters, cfg.lr) == (9, 3, 0.1)
+
+
+def test_weights_that_do_not_fit_exit_2(capsys):
+    model = torch.nn.Linear(3, 4)
+    load_weights(model, torch.nn.Linear(3, 4).state_dict())
+    with pytest.raises(SystemExit) as e:
+        load_weights(model, torch.nn.Linear(5, 4).state_dict())
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "do not fit" in err and "\n" not in err
