@@ -5,15 +5,21 @@ of its given digit (0 = blank) plus a learned position; every iteration it sums 
 updates its state with a GRU cell that re-reads the input embedding ("recall"), then predicts a digit. As in
 RRN (Palm et al. 2018) the loss is the cross-entropy after EVERY iteration, so a model trained for `--train_iters`
 iterations can be run for more. The answer after k iterations is the plain argmax: no masking, search or retries.
+Each training step starts from a state 0..train_iters-1 iterations deep, reached without gradient (progressive
+loss, Bansal et al. 2022). That alone does not stop overthinking: the state never settles, and run 4x longer than
+--iters, puzzles it had solved come undone (CPU scale below: 21 points lost from 32 to 128 iterations). So the
+loss also penalises one extra iteration after the last trained one for moving the state (--settle): the answer
+becomes a fixed point, the state's move per iteration decays instead of growing, and more iterations stop hurting.
 
 Speed: the message MLP's first layer on (h_i, h_j) is split into per-node projections A h_i + B h_j made BEFORE
 the gather over the 1,620 edges; its second layer is linear, so it is applied after the (layer-normalised) sum
 over peers and folded into the GRU's input gates; the input's share of the gates is constant over iterations and
 computed once. Per node and iteration that is 5 m d + 3 d^2 multiply-adds (d = --width, m = --msg_width) plus
 the (20, m) edge tensor: 12 MFLOP per puzzle-iteration at width 96, about 1.2 GFLOP per training puzzle at 32
-iterations with backward, i.e. 17 TFLOP/s at the 15k puzzles/s target, a few % of an H100's bf16 peak. The cost
-is memory traffic through the (B, 81, 20, m) edge tensor, which is why the cell is compiled on CUDA (gather, add,
-relu and sum fuse) and runs under bf16 autocast; there is no host sync per step except on log steps.
+iterations with backward (the --settle iteration adds 3%), i.e. 17 TFLOP/s at the 15k puzzles/s target, a few %
+of an H100's bf16 peak. The cost is memory traffic through the (B, 81, 20, m) edge tensor, which is why the cell
+is compiled on CUDA (gather, add, relu and sum fuse) and runs under bf16 autocast; there is no host sync per step
+except on log steps.
 
 Evaluation: RRN's test set, solved rate (all 81 cells right) per givens count 17..34 after every iteration
 1..--iters; an overthinking check at 4x --iters on a subset; adaptive compute (a puzzle halts as soon as its argmax
@@ -24,12 +30,14 @@ Headline (trained with 32 iterations, evaluated with 64):
 GPU result: not yet measured.
 CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations), 1 thread:
     python sudoku_gnn.py --device cpu --width 32 --msg_width 32 --min_givens 30 --train_iters 8 --iters 32 \\
-        --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 10 \\
+        --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 20 \\
         --eval_every 250
-    CPU result (seed 0, 150 s of training on a shared 2-core machine): RRN test puzzles with 30-34 givens solved
-    97.0% at 32 iterations, all givens 55.8% (0% with 17 givens); at 128 iterations the overall rate is 19.4 points
-    lower (10 puzzles per givens count); adaptive halting solves 57.2% using 20.2 iterations on average.
-    The whole RRN test set with --ckpt (64 iterations): 79.5% at 30-34 givens, 50.0% overall, 2.0% at 17.
+    CPU result (seeds 0 / 1, 267 / 378 s of training on a shared 2-core machine; 20 test puzzles per givens
+    count): RRN test puzzles with 30-34 givens solved 98.0% / 94.0% at 32 iterations, all givens 55.0% / 52.5%
+    (0% with 17 givens); at 128 iterations the overall rate is 2.8 / 3.3 points HIGHER, and at 256 it is 57.8% /
+    55.0%. The same runs with --settle 0: 55.8% / 52.8% overall at 32 iterations, 21.4 / 0.3 points lower at 128,
+    21.9% / 15.6% at 256; the state's mean move per node per iteration at 256 is 0.009 / 0.07 with the penalty,
+    0.44 / 0.44 without. Adaptive halting (seed 0) solves 55.0% using 21.1 iterations on average.
 """
 import math
 import os
@@ -62,6 +70,7 @@ class Config:
     # training
     train_iters: int = 32  # iterations with gradient, loss after every one
     progressive: bool = True  # first run 0..train_iters-1 iterations without gradient, then train from that state
+    settle: float = 0.3  # weight of the fixed-point penalty: mean over nodes of ||cell(h_T) - h_T||^2
     steps: int = 30000  # 15.4M puzzles: about 17 min at the 15k puzzles/s target
     batch_size: int = 512
     lr: float = 2e-3
@@ -87,8 +96,8 @@ class Config:
             raise ValueError(f"need 17 <= --min_givens <= --max_givens <= 81, got {self.min_givens}, {self.max_givens}")
         if not 0 <= self.curriculum <= 1:
             raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
-        if self.msg_width < 1 or self.warmup < 0 or self.n_overthink < 0:
-            raise ValueError("--msg_width must be >= 1, --warmup and --n_overthink >= 0")
+        if self.msg_width < 1 or self.warmup < 0 or self.n_overthink < 0 or self.settle < 0:
+            raise ValueError("--msg_width must be >= 1, --warmup, --n_overthink and --settle >= 0")
         if self.puzzles and not self.ckpt:
             raise ValueError("--puzzles needs --ckpt (a trained model to solve them with)")
 
@@ -337,8 +346,11 @@ def main(cfg):
                     if skip:  # train from a state deep in the trajectory, so later iterations must stay correct
                         with torch.no_grad():
                             h = model(quiz, skip)[1]
-                    logits, _ = model(quiz, cfg.train_iters, h)  # (T, B, 81, 9)
+                    logits, h = model(quiz, cfg.train_iters, h)  # (T, B, 81, 9)
                     loss = loss_fn(logits, sol)
+                    if cfg.settle:  # one more iteration should leave the final state where it is: a fixed point
+                        moved = model(quiz, 1, h)[1].float() - h.float()  # (B, 81, d)
+                        loss = loss + cfg.settle * moved.pow(2).sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,6 +1,7 @@
 """learned_adjacency.py: the Gumbel-top-k draw and its score-function gradient are exact/unbiased (checked against
-enumeration), precision/recall are right on known graphs, the GNN reads only the sampled neighbours, and a tiny
-CPU run learns a graph better than uniform."""
+enumeration), precision/recall are right on known graphs, the GNN reads only the sampled neighbours (so the
+first-iteration reward of a cell depends on its own draw alone), and a tiny CPU run learns a graph far better than
+uniform through the surrogate loss alone."""
 import itertools
 
 import pytest
@@ -121,3 +122,15 @@ def test_gnn_reads_only_the_sampled_neighbours():
             expected = (nbrs[0] == cell).any(-1)
             expected[cell] = True
             assert torch.equal(moved, expected), cell
+
+
+def test_sampler_learns_the_graph_on_easy_puzzles(tmp_path):
+    """250 steps on 40-50-given puzzles (width 32, one iteration): the sampler, trained by the surrogate loss alone,
+    gives a top-K graph on held-out test puzzles well above uniform (25%; untrained: 0.25-0.26); seeds 0-3 reach
+    0.36-0.38."""
+    cfg = la.Config(device="cpu", compile=False, width=32, msg_width=32, sampler_width=32, min_givens=40,
+                    max_givens=50, curriculum=0, train_iters=1, iters=1, steps=250, batch_size=16, warmup=0,
+                    lr=1e-2, sampler_lr=1e-2, entropy=3e-3, n_test=4, eval_every=0, var_draws=2,
+                    out_dir=str(tmp_path))
+    precision = la.main(cfg)["headline"]["adjacency_precision"]
+    assert precision >= 0.31, precision

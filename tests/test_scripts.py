@@ -44,6 +44,13 @@ def flag(args, name):
     return int(args[args.index(name) + 1])
 
 
+def eval_flags(script, args):
+    """The row's evaluation flags other than --iters (e.g. --n_test), so that --ckpt evaluates the same small set."""
+    names = importlib.import_module(script).EVAL_FLAGS
+    pairs = [args[i:i + 2] for i in range(0, len(args), 2)]
+    return [x for name, value in pairs if name[2:] in names and name != "--iters" for x in (name, value)]
+
+
 def run(script, args):
     module = importlib.import_module(script)
     return module.main(parse_config(module.Config, args))
@@ -78,7 +85,7 @@ def test_end_to_end(script, tmp_path):
 
     # --ckpt: evaluation only, with more iterations than before
     evaluated = run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), "--iters", str(iters + 2),
-                             "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
+                             *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
     check_contract(script, str(tmp_path / "eval"), iters + 2, headline_keys)
     assert evaluated["config"]["width"] == ckpt["config"]["width"]
 
