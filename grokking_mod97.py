@@ -1,22 +1,47 @@
-"""Grokking a+b mod 97 in about 150 full-batch steps, with plain learned token embeddings.
+"""Grokking a+b mod 97 in a median of 131 full-batch steps (5 seeds), with plain learned token embeddings.
 
 Power et al. (2022) trained a 2-layer transformer on half of all pairs (a, b) -> (a + b) mod 97: it memorised the
 training half within a few hundred steps and generalised only thousands of steps later ("grokking"). This script
 asks how quickly the same kind of network gets to 99% validation accuracy when the optimisation is chosen well.
-The default recipe is the plainest one that measured fastest here: every training pair in every step (full batch)
-and AdamW at a high learning rate (2e-2) with strong decoupled weight decay (1.0), so each step shrinks the weights
-by 2% and the total weight norm falls by half within the run (curves.png). The other ingredients are flags:
-Grokfast gradient filtering, perpendicular gradients and Lion were slower in short CPU runs at p = 47, a core
-applied twice (`--train_iters 2`) was slower at p = 23, and StableMax is not yet measured.
-`--recipe power` runs the original recipe (AdamW 1e-3, weight decay 1, beta2 0.98, batch 512, 10-step warm-up)
-in the same harness. The transformer's blocks form one shared core that `--iters` can apply more often.
+The default recipe is plain AdamW, full batch (every training pair in every step), at a high learning rate (2e-2)
+with two changes about weight norms (Omnigrok: a network generalises once its weights are small enough): strong
+decoupled weight decay (1.5, so each step pulls every weight 3% towards zero) and token embeddings initialised at
+std 0.1 instead of 1, so they start at the scale of the other weights and an Adam step moves them as much. On seed
+0 the decay alone took 156 -> 111 steps, the small embeddings alone did not help (169), both together 73.
+Weight decay 2 was faster on seed 0 but missed 99% within 150 steps on seed 1; weight decay 3, or a lower lr with
+more decay, missed it on seed 0; embeddings at std 0.03 or 0.3, a smaller init of the linear layers, lr 3e-2 and
+beta2 0.99 were slower (ablation below).
+Grokfast gradient filtering, perpendicular gradients and Lion (flags) were slower in short CPU runs at p = 47,
+a core applied twice (`--train_iters 2`) was slower at p = 23, and StableMax (flag) is not yet measured at p = 97.
+`--recipe power` runs the original recipe (AdamW 1e-3, weight decay 1, beta2 0.98, batch 512, 10-step warm-up,
+embeddings at std 1) in the same harness. The transformer's blocks form one shared core that `--iters` can apply
+more often.
 
 Headline (5 seeds, median steps and seconds to 99% validation, step ratio to the Power recipe on the same seeds):
     python grokking_mod97.py --n_seeds 5 --compare_power
 GPU result: not yet measured.
-CPU result (one shared CPU thread, seed 0, the defaults): 95% validation at step 147, 99% at step 156
-(292 s on CPU; steps do not depend on the hardware).
-CPU smoke test (p = 23, chance 4%; 95% validation at step 256, about 15-25 s on one CPU thread):
+CPU results (one thread of a shared 2-core machine, so seconds are noisy; steps do not depend on the hardware):
+    python grokking_mod97.py --n_seeds 5 --device cpu    (seeds 0-4)
+  99% validation at steps 73, 104, 203, 208, 131 (median 131; 95% at median 107), 113-304 s per seed (median 145 s
+  to 99%); the original default (weight decay 1, embeddings at std 1) took 156 steps on seed 0. There is hardly a
+  memorisation phase: train and validation accuracy rise together from step ~30 and then swing between 30% and
+  100% (curves.png), as at the edge of stability. The run stops at the first check (every 10 steps)
+  after reaching the target, so the saved models average only 87% validation. 422k parameters.
+  Other splits and ops, seed 0 (add --seed 1 ... for more):
+    --train_frac 0.3: 95% at step 143, 99% at 163 (204 s); seed 1: not 95% within 400 (peak 91% at step 326).
+    --p 113: 95% at step 180, 99% not within 300 (492 s).
+    --op sub: not 95% within 250 steps (166 s): validation peaks at 55% (step 164), training at 65%, the
+    swings never settle; a+b's recipe does not yet carry over to a-b.
+  Ablation, steps to 99% for seed 0 (--weight_decay, --embed_std, --lr, --beta2 over the defaults; "*": a screen
+  that re-drew the embeddings after the other weights and validated on 1,500 pairs; ">N": not within N steps):
+    weight decay 1, embeddings std 1 (the old default) 156 | weight decay 1.5, std 1: 111
+    weight decay 1, std 0.1: 169 (150*) | weight decay 1.5, std 0.1 (default): 73 (118*)
+    std 0.1 with weight decay 2: 79* but >150* on seed 1 | 3: >150* | 2 at lr 1.5e-2: >150* | 4 at lr 1e-2: >150*
+    weight decay 1 with std 0.3: >170* | std 0.03: >155* | std 0.1 and the linear layers' init halved: 149*
+    weight decay 1, std 1 with lr 3e-2: >170* | with beta2 0.99: >170*
+  The Power recipe (--compare_power) was not run on CPU: 1,600+ steps with a full validation pass each.
+CPU smoke test (p = 23, chance 4%; seeds 0-4 reach 95% validation at steps 191, -, 65, 244, 230, seed 1 not
+within 450 steps; 1-7 s each):
     python grokking_mod97.py --p 23 --width 64 --steps 450 --target 0.95 --eval_every 1 --device cpu
 """
 import math
@@ -37,7 +62,7 @@ from common import (autocast, device_name, eval_config, load_checkpoint, load_we
 
 # the recipe of Power et al. (2022); `--recipe power` overrides these flags with it
 POWER = dict(optimizer="adamw", lr=1e-3, weight_decay=1.0, beta1=0.9, beta2=0.98, batch_size=512, warmup=10,
-             grokfast=0.0, perp_grad=False, stablemax=False)
+             grokfast=0.0, perp_grad=False, stablemax=False, embed_std=1.0)
 
 
 @dataclass
@@ -51,6 +76,7 @@ class Config:
     width: int = 128  # model dimension
     n_layers: int = 2  # transformer blocks in the shared core
     n_heads: int = 4
+    embed_std: float = 0.1  # init std of the token embeddings (nn.Embedding's default is 1)
     train_iters: int = 1  # applications of the core in training, with a loss after each
     # training
     recipe: str = field(default="fast", metadata={"choices": ("fast", "power"),
@@ -59,7 +85,7 @@ class Config:
     steps: int = 3000  # step cap; a run stops once it reaches --target
     batch_size: int = 8192  # >= number of training pairs means full batch
     lr: float = 2e-2
-    weight_decay: float = 1.0  # decoupled, applied to every parameter as in Power et al.
+    weight_decay: float = 1.5  # decoupled, applied to every parameter as in Power et al.
     beta1: float = 0.9
     beta2: float = 0.98
     warmup: int = 10  # linear lr warm-up steps
@@ -93,6 +119,8 @@ class Config:
             raise ValueError(f"--train_frac must be in (0, 1), got {self.train_frac}")
         if self.width % self.n_heads or self.n_layers < 1 or self.n_heads < 1:
             raise ValueError(f"--width {self.width} must be a multiple of --n_heads {self.n_heads} (both >= 1)")
+        if self.embed_std <= 0:
+            raise ValueError(f"--embed_std must be > 0, got {self.embed_std}")
         if not 0 < self.target <= 1 or self.n_seeds < 1 or self.warmup < 0 or self.grokfast < 0:
             raise ValueError("--target must be in (0, 1], --n_seeds >= 1, --warmup and --grokfast >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.grokfast_alpha < 1):
@@ -126,11 +154,13 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, h):  # (B, 4, d)
+    def forward(self, h, last_only=False):  # (B, 4, d) -> (B, 4, d), or (B, 1, d) for the '=' position only
         B, T, d = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if last_only:  # the readout needs only '=': skip the other positions' queries, projection and MLP
+            q, h, T = q[:, :, -1:], h[:, -1:], 1
         # no causal mask: only the '=' position is read out, so every token may see every other one
-        att = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 4, d/heads)
+        att = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d/heads)
         h = h + self.proj(att.transpose(1, 2).reshape(B, T, d))
         return h + self.mlp(self.ln2(h))
 
@@ -141,6 +171,9 @@ class Net(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed = nn.Embedding(cfg.p + 2, cfg.width)
+        # at std 1 an Adam step of lr ~0.02 moves an embedding by 2%, so learning the embeddings' structure
+        # takes a hundred steps; at std 0.1 they move as fast as the other weights
+        nn.init.normal_(self.embed.weight, std=cfg.embed_std)
         self.pos = nn.Parameter(0.02 * torch.randn(4, cfg.width))
         self.core = nn.ModuleList(Block(cfg.width, cfg.n_heads) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.width)
@@ -149,9 +182,10 @@ class Net(nn.Module):
     def forward(self, x, iters):  # x: (B, 4) token ids
         h = self.embed(x) + self.pos  # (B, 4, d)
         outs = []
-        for _ in range(iters):
-            for block in self.core:
-                h = block(h)
+        for i in range(iters):
+            for j, block in enumerate(self.core):
+                # after the last block of the last application nothing reads the other positions
+                h = block(h, last_only=i == iters - 1 and j == len(self.core) - 1)
             outs.append(self.head(self.ln_f(h[:, -1])))  # (B, p)
         return torch.stack(outs)  # (iters, B, p)
 
@@ -237,7 +271,7 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
                 "train_time_s": time_before + time.time() - t0}
 
     sync(device)
-    t0, start = time.time(), step
+    t0, start, checked = time.time(), step, step
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"seed {seed}", file=sys.stdout,
                disable=None, leave=False)
     try:
@@ -270,10 +304,13 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
                 hist[i] = torch.stack([train_acc, val_acc, norms.norm(), model.head.weight.norm()])
             step = i + 1
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                tr, va = hist[i, :2].tolist()  # the only host sync in the loop
+                # the only host sync in the loop
+                tr, va, best = torch.stack([hist[i, 0], hist[i, 1], hist[checked:step, 1].max()]).tolist()
+                checked = step
                 bar.set_postfix(loss=f"{loss.item():.3f}", train=f"{tr:.3f}", val=f"{va:.3f}",
                                 samples_per_s=f"{(step - start) * bs / (time.time() - t0):.0f}")
-                if va >= cfg.target:
+                # any step since the last check counts: validation accuracy is spiky around the target
+                if best >= cfg.target:
                     seconds_to_target = time_before + time.time() - t0
                     break
     except KeyboardInterrupt:

@@ -37,6 +37,20 @@ def test_stablemax_ce_by_hand():
     assert loss.item() == pytest.approx(torch.log(torch.tensor(3.5 / 2)).item(), rel=1e-6)
 
 
+def test_readout_skipping_other_positions_matches_full_computation():
+    cfg = g.Config(p=11, width=16, n_layers=2, n_heads=2)
+    torch.manual_seed(0)
+    model = g.Net(cfg)
+    x = g.make_data(11, "add", 0.5, 0)[0][:32]
+    with torch.no_grad():
+        h, full = model.embed(x) + model.pos, []
+        for _ in range(3):
+            for block in model.core:
+                h = block(h)
+            full.append(model.head(model.ln_f(h[:, -1])))
+        assert torch.allclose(model(x, 3), torch.stack(full), atol=1e-5)
+
+
 def test_median_counts_unreached_as_slowest():
     assert g.median([30, None, 10]) == 30
     assert g.median([None, None, 10]) is None
@@ -44,13 +58,14 @@ def test_median_counts_unreached_as_slowest():
 
 
 def test_default_recipe_groks_p23(tmp_path):
-    """Chance is 1/23; seeds 0, 1, 2 reached 95% validation in 256, 328, 278 steps, so the budget is 450.
-    Checking every step stops the run at its first step over the target: at this size the validation accuracy
+    """Chance is 1/23. The headline statistic, the median over seeds, is what must hold: seeds 0-4 reach 95%
+    validation at steps 191, -, 65, 244, 230 (seed 1 not within 450), so the median of seeds 0-2 needs two of the
+    three. Checking every step stops a run at its first step over the target: at this size the validation accuracy
     of the fast recipe is spiky after it groks, so a later step could be far lower."""
-    results = run(["--p", "23", "--width", "64", "--steps", "450", "--target", "0.95", "--eval_every", "1"],
-                  tmp_path)
-    assert results["headline"]["steps_to_95"] is not None
-    # independent check: rebuild the saved model and score it against labels from Python integers
+    results = run(["--p", "23", "--width", "64", "--steps", "450", "--target", "0.95", "--eval_every", "1",
+                   "--n_seeds", "3"], tmp_path)
+    assert results["headline"]["steps_to_95"] is not None, results["headline"]["steps_to_95_all"]
+    # independent check: rebuild the saved model (the last seed's) and score it against labels from Python integers
     ckpt = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=True)
     model = g.Net(g.Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -64,7 +79,7 @@ def test_default_recipe_groks_p23(tmp_path):
 def test_power_recipe_runs_with_its_own_settings(tmp_path):
     results = run(["--recipe", "power", "--lr", "0.5", "--p", "41", "--width", "16", "--steps", "20"], tmp_path)
     cfg = results["config"]
-    assert (cfg["lr"], cfg["batch_size"], cfg["beta2"], cfg["grokfast"]) == (1e-3, 512, 0.98, 0.0)
+    assert (cfg["lr"], cfg["batch_size"], cfg["beta2"], cfg["embed_std"]) == (1e-3, 512, 0.98, 1.0)
     run_ = results["runs"][0]
     assert run_["steps_run"] == 20 and run_["steps_to_99"] is None
     assert all(0.0 <= a <= 1.0 for a in results["acc"]["val"])
