@@ -408,8 +408,10 @@ def main(cfg):
         model.eval()
         stats = {}
         for mode in ("topk", "sampled"):
-            acc, precision, recall, _ = evaluate(model, val, cfg.train_iters, replace(cfg, test_graph=mode), adj, dtype)
-            stats[f"val_solved_{mode}"], stats[f"precision_{mode}"], stats[f"recall_{mode}"] = acc["all"][-1], precision, recall
+            acc, precision, recall, _ = evaluate(model, val, cfg.train_iters, replace(cfg, test_graph=mode), adj,
+                                                 dtype)
+            stats[f"val_solved_{mode}"] = acc["all"][-1]
+            stats[f"precision_{mode}"], stats[f"recall_{mode}"] = precision, recall
         stats["precision"], stats["recall"] = stats.pop("precision_sampled"), stats.pop("recall_sampled")
         stats["grad_var"] = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
         model.train()
@@ -427,7 +429,8 @@ def main(cfg):
             for i in bar:
                 frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
                 for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * min(1.0, (i + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * frac))
+                    warm = min(1.0, (i + 1) / max(1, cfg.warmup))
+                    g["lr"] = g["base_lr"] * warm * (0.55 + 0.45 * math.cos(math.pi * frac))
                 # curriculum: easy puzzles first, where a given peer is an immediate, visible reward for an edge
                 ramp = min(1.0, i / max(1.0, cfg.curriculum * cfg.steps))
                 lo = round(cfg.max_givens - ramp * (cfg.max_givens - cfg.min_givens))
