@@ -46,6 +46,22 @@ def test_ordered_log_prob_matches_enumeration(theta):
     assert torch.allclose(logq.double().exp(), probs, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # the second is peaked: the remaining mass falls to ~e^-40
+def test_draw_entropy_matches_the_conditionals(scale):
+    """The entropy of each draw's renormalised conditional, written out by masking the earlier draws, matches the
+    O(N + k) formula in value and gradient (float64); in float32 it stays within float32 rounding, NaN-free."""
+    theta = (torch.randn(2, 30, 81, generator=torch.Generator().manual_seed(0)) * scale).requires_grad_(True)
+    idx = la.gumbel_topk(theta.detach().log_softmax(-1), 20, torch.Generator().manual_seed(1))  # (2, 30, 20)
+    hot = torch.nn.functional.one_hot(idx, 81)
+    logp = theta.double().log_softmax(-1)
+    cond = logp.unsqueeze(-2).masked_fill((hot.cumsum(-2) - hot).bool(), la.NEG).log_softmax(-1)  # (2, 30, 20, 81)
+    masked = -(cond.exp() * cond).sum(-1).mean()
+    fast, fast32 = la.draw_entropy(logp, idx), la.draw_entropy(theta.log_softmax(-1), idx)
+    assert torch.allclose(fast, masked, rtol=1e-10) and torch.allclose(fast32.double(), masked, rtol=1e-4)
+    g_fast, g_masked, g_32 = (torch.autograd.grad(e, theta, retain_graph=True)[0] for e in (fast, masked, fast32))
+    assert torch.allclose(g_fast, g_masked, atol=1e-12) and torch.allclose(g_32, g_masked, atol=1e-5)
+
+
 def estimate_gradient(baseline, log_prob_fn, seed, batches=40, per_batch=2000, G=4):
     """Mean and standard error of the surrogate gradient over `batches` independent batches of draws."""
     gen = torch.Generator().manual_seed(seed)
@@ -127,10 +143,10 @@ def test_gnn_reads_only_the_sampled_neighbours():
 def test_sampler_learns_the_graph_on_easy_puzzles(tmp_path):
     """250 steps on 40-50-given puzzles (width 32, one iteration): the sampler, trained by the surrogate loss alone,
     gives a top-K graph on held-out test puzzles well above uniform (25%; untrained: 0.25-0.26); seeds 0-3 reach
-    0.36-0.38."""
+    0.35-0.38."""
     cfg = la.Config(device="cpu", compile=False, width=32, msg_width=32, sampler_width=32, min_givens=40,
                     max_givens=50, curriculum=0, train_iters=1, iters=1, steps=250, batch_size=16, warmup=0,
-                    lr=1e-2, sampler_lr=1e-2, entropy=3e-3, n_test=4, eval_every=0, var_draws=2,
+                    lr=1e-2, sampler_lr=1e-2, entropy=3e-2, n_test=4, eval_every=0, var_draws=2,
                     out_dir=str(tmp_path))
     precision = la.main(cfg)["headline"]["adjacency_precision"]
     assert precision >= 0.31, precision
