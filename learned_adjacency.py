@@ -114,7 +114,7 @@ class Config:
     warmup: int = 500  # linear warm-up steps, then cosine decay to lr/10
     baseline: str = field(default="rloo", metadata={"choices": BASELINES})
     ema_decay: float = 0.99  # for --baseline ema: per-cell running mean of the reward
-    entropy: float = 3e-2  # weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
+    entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # per-cell reward: -(cell i's cross-entropy), mean over the first this-many iterations
     seed: int = 0
