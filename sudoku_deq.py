@@ -273,7 +273,7 @@ class DEQ(nn.Module):
         return self.x_gates(self.digit(quiz) + (self.pos if self.pos is not None else 0))
 
     def f(self, x_gates, cell=None):  # h -> f(h, x); `cell` may be a compiled self.cell
-        cell = cell or self.cell
+        cell = self.cell if cell is None else cell  # not `cell or ...`: a compiled module has no truth value
         return lambda h: cell(h, x_gates, self.peers)
 
     @torch.no_grad()
