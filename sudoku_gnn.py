@@ -39,7 +39,7 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     21.9% / 15.6% at 256; the state's mean move per node per iteration at 256 is 0.009 / 0.07 with the penalty,
     0.44 / 0.44 without. Adaptive halting (seed 0) solves 55.0% using 21.1 iterations on average.
     Tried and not kept: Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on the three
-    weight matrices the iterations use, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0%
+    input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0%
     (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
 """
 import math
