@@ -211,7 +211,8 @@ def grid_invariant(sol):
         n = len(g)
         pos = np.argsort(g, axis=2).astype(np.int32)
         pairs = np.array([(3 * b + i, 3 * b + j) for b in range(3) for i, j in ((0, 1), (0, 2), (1, 2))] +
-                         [(3 * b1 + i, 3 * b2 + j) for b1, b2 in ((0, 1), (0, 2), (1, 2)) for i in range(3) for j in range(3)])
+                         [(3 * b1 + i, 3 * b2 + j) for b1, b2 in ((0, 1), (0, 2), (1, 2))
+                          for i in range(3) for j in range(3)])
         sigma = np.take_along_axis(pos[:, pairs[:, 1]], g[:, pairs[:, 0]], axis=2)  # (N, 36, 9)
         x, length = np.broadcast_to(np.arange(9, dtype=np.int32), sigma.shape), np.zeros(sigma.shape, np.int64)
         y = x.copy()
