@@ -1,5 +1,5 @@
 """Every script end to end with tiny flags: the results.json contract, pictures, checkpoint, --ckpt, --resume,
-determinism and the command-line errors. A new experiment adds one row to SCRIPTS."""
+determinism, the compiled path and the command-line errors. A new experiment adds one row to SCRIPTS."""
 import dataclasses
 import importlib
 import json
@@ -96,6 +96,20 @@ def test_end_to_end(script, tmp_path):
     # --resume continues from the saved step
     run(script, args + ["--out_dir", out, "--device", "cpu", "--resume", "--steps", str(2 * steps)])
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2 * steps
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compiled_run_writes_a_plain_checkpoint(script, tmp_path, monkeypatch):
+    """On CUDA each script compiles its hot function. Here torch.compile (eager backend: the same tracing, no code
+    generation) is forced on the CPU: the run must work, and its checkpoint must load into an uncompiled model."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "maybe_compile", lambda fn, enabled, device: torch.compile(fn, backend="eager"))
+    args = SCRIPTS[script][0]
+    out = str(tmp_path / "run")
+    run(script, args + ["--out_dir", out, "--device", "cpu"])
+    monkeypatch.undo()
+    run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"),
+                 "--device", "cpu"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -168,16 +168,6 @@ def test_persistent_nan_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
-def test_a_compiled_cell_solves_to_the_same_point():
-    """On CUDA the graph-free solves run a torch.compile'd cell (the eager backend traces it the same way here)."""
-    torch.manual_seed(0)
-    model = sq.DEQ(sq.Config(width=16, msg_width=16, device="cpu")).eval()
-    quiz = torch.randint(0, 10, (4, 81))
-    compiled = model(quiz, 6, cell=torch.compile(model.cell, backend="eager"))
-    for a, b in zip(model(quiz, 6), compiled):
-        assert torch.allclose(a, b, atol=1e-5)
-
-
 def test_forward_converges_and_wrong_checkpoint_exits_2(tmp_path):
     """The untrained cell is contractive: the residual falls over the solver iterations; weights that do not fit
     the saved config are a one-line error."""
