@@ -100,13 +100,14 @@ def test_end_to_end(script, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_compiled_run_writes_a_plain_checkpoint(script, tmp_path, monkeypatch):
-    """On CUDA each script compiles its hot function. Here torch.compile (eager backend: the same tracing, no code
-    generation) is forced on the CPU: the run must work, and its checkpoint must load into an uncompiled model."""
+    """On CUDA each script compiles its hot function and runs under bf16 autocast. Here both are forced on the CPU
+    (torch.compile with the eager backend: the same tracing, no code generation): the run must work, and its
+    checkpoint must load into an uncompiled fp32 model."""
     module = importlib.import_module(script)
     monkeypatch.setattr(module, "maybe_compile", lambda fn, enabled, device: torch.compile(fn, backend="eager"))
     args = SCRIPTS[script][0]
     out = str(tmp_path / "run")
-    run(script, args + ["--out_dir", out, "--device", "cpu"])
+    run(script, args + ["--out_dir", out, "--device", "cpu", "--dtype", "bfloat16"])
     monkeypatch.undo()
     run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"),
                  "--device", "cpu"])
