@@ -59,7 +59,8 @@ run the errors sit at the bottom of each cell's ranking (64 RRN validation puzzl
 low (seed 3 here; seed 2 with --reward_iters 4) are different: their graphs depend on the puzzle. The top 20 of p
 averaged over those 64 puzzles is 94-95% right, each puzzle's own top 20 only 87-88%, with errors from rank 4 on;
 the healthy runs show no such gap (0.972 vs 0.971, 0.922 vs 0.920). The true graph is the same for every puzzle,
-so the head's path through the digits is what drifts there: taming it is the next thing to try.
+so the head's path through the digits drifts there: with that path cut (self.qk(h) dropped from the logits, the
+positions alone left) seeds 3 / 1 reach 0.952 / 0.944. A head that reads the digits without drifting is next.
 
 Reported: solved rate on the RRN test after every iteration 1..--iters (sampled or top-K test graph), adjacency
 precision/recall over training (uniform sampling: 25%), validation puzzles topped up to the training givens, and
