@@ -84,7 +84,6 @@ def test_power_recipe_runs_with_its_own_settings(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in results["acc"]["val"])
 
 
-
 @pytest.mark.parametrize("shape", [(24, 24), (16, 40), (40, 16)])
 def test_orthogonalize_flattens_the_singular_values(shape):
     """Newton-Schulz keeps the singular vectors of g and maps singular values spread over two orders of magnitude
