@@ -44,11 +44,13 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     steps, target 0.9): radius 1.01-1.03 (1.08) | 1.00-1.03 (1.07), residual 0.011 | 0.010, test cells 0.505,
     0.501 | 0.511, 0.519, 124 | 165 s; 10 power steps: radius 0.84-0.91 (0.97) | 0.83-0.89 (0.93), test cells
     0.558 | 0.515 after 24, 197 | 276 s; --stabiliser jacobian --stab_weight 1 (seed 0): radius 0.93-1.03
-    (1.12), residual 0.011, training batch cells 0.78. At 3x the steps (--steps 1200 --eval_every 100, seed 0,
-    514 s) the default did not collapse: training batch cells 0.46 -> 0.85 (best 0.89), radius 0.83-0.85 (0.94),
-    test cells 0.599 after 24 iterations, up at every iteration (with 10 power steps the max reached 1.00 at step
-    1100). The radius is held only where the penalty is applied: on the 17-givens test puzzles, far from the 34-45
-    givens trained on, it is 1.00 (1.48) after that run. No RRN test puzzle is solved at this scale.
+    (1.12), residual 0.011, training batch cells 0.78. At 3x the steps (--steps 1200 --eval_every 100, seeds 0 |
+    1 | 2, 514 | 287 | 288 s) the default did not collapse: radius 0.83-0.85 (0.94) | 0.83-0.85 (0.95) |
+    0.83-0.85 (0.92) at every logged step, no recoveries, training batch cells best 0.89 | 0.90 | 0.90 (one batch
+    of 32: +-0.03 between logs), test cells 0.599 | 0.608 | 0.603 after 24 iterations, up at every iteration (with
+    10 power steps the max reached 1.00 at step 1100). The radius is held only where the penalty is applied: on
+    the 17-givens test puzzles, far from the 34-45 givens trained on, it is 1.00 (1.48) | 1.01 (1.34) | 1.08
+    (1.46) after those runs. No RRN test puzzle is solved at this scale.
 """
 import math
 import os
