@@ -1,70 +1,70 @@
 """Sudoku without the rules: a transformer samples each cell's neighbours, a recurrent GNN reasons over them.
 
 sudoku_gnn.py hand-codes the graph (each cell talks to its 20 row/column/box peers). Here the model sees only the 81
-cell tokens (digit embedding + learned position) and must find the graph itself. A small transformer's top
-attention head gives, for every cell i, probabilities p(j | i) over the 80 other cells; K neighbours per cell are
-SAMPLED without replacement (Gumbel-top-k) and handed to a recurrent GNN of sudoku_gnn's family (loss after every
-iteration, so it can run longer at test time). Sampling is not differentiable, so the sampler learns from the
-surrogate loss of stochastic computation graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i),
-with a PER-CELL reward r_i = -(cell i's cross-entropy after the FIRST iteration), a baseline b_i (none | EMA per
-cell | RLOO = mean reward of the other graphs drawn for the same puzzle) and an entropy bonus on each of the K
-draws (below). q(S_i) is the probability of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))];
-using it for the unordered set keeps the estimator unbiased (the set's gradient is the expectation of the ordered
-one given the set). Adjacency precision/recall against the true peers is a metric only: the row/column/box
-structure appears nowhere in the model, the data or the loss.
+cell tokens (digit embedding + learned position) and must find the graph itself. A small transformer over the 81
+position tokens (the digits go to the GNN: see "Why the sampler reads positions only") gives, from its top attention
+head, for every cell i probabilities p(j | i) over the 80 other cells; K neighbours per cell are SAMPLED without
+replacement (Gumbel-top-k) and handed to a recurrent GNN of sudoku_gnn's family (loss after every iteration, so it
+can run longer at test time). Sampling is not differentiable, so the sampler learns from the surrogate loss of
+stochastic computation graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i), with a PER-CELL reward
+r_i = -(cell i's cross-entropy after the FIRST iteration), a baseline b_i (none | EMA per cell | RLOO = mean reward
+of the other graphs drawn for the same puzzle) and an entropy bonus on each of the K draws (below). q(S_i) is the
+probability of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set
+keeps the estimator unbiased (the set's gradient is the expectation of the ordered one given the set). Adjacency
+precision/recall against the true peers is a metric only: the row/column/box structure appears nowhere in the model,
+the data or the loss.
 
 Reward credit: cell i's first-iteration prediction depends on its own sampled neighbours and nothing else, so with
 --reward_iters 1 the per-cell estimator is exactly unbiased for the gradient of the mean first-iteration reward;
-averaging over more iterations also credits cell i's draw with other cells' edges (a bias). It lets blank peers
-earn credit (at the first iteration only GIVEN neighbours carry information), and with the changes below in it
-learned as well on average, not better: --reward_iters 4 at the 4800-step CPU command gave top-K precision 0.932,
-0.970, 0.874, 0.980 (seeds 0-3) against 0.971, 0.920, 0.988, 0.866, with lower gradient variance (none 0.056 vs
-0.074, seed 0).
+averaging over more iterations also credits cell i's draw with other cells' edges (a bias). It lets blank peers earn
+credit (at the first iteration only GIVEN neighbours carry information), and with the changes below in it learned as
+well on average, not better: --reward_iters 4 at the 4800-step CPU command (sampler reading the cells) gave top-K
+precision 0.932, 0.970, 0.874, 0.980 (seeds 0-3) against 0.971, 0.920, 0.988, 0.866.
 
 Why it learns (the first version stayed at the uniform 25%): at uniform sampling a neighbour's digit says almost
 nothing (a random other cell holds cell i's digit with chance 8/80, any other digit 9/80), so the GNN's use of
 edges, and with it the sampler's signal, starts near zero and only grows with precision. Three things shorten that
-start: the head reads the positions directly and its path through the digits starts at zero (the graph is a
-function of position alone), the position embeddings are unit-scale (the logits are bilinear in them), and the
-mean message is layer-normalised. The GNN gets no position embedding: it cannot tell a sampled peer from a
-non-peer by where it sits, so an edge is worth exactly what the sampler made it.
+start: the head reads the position embeddings directly, beside its path through the transformer, which starts at
+zero, the position embeddings are unit-scale (the logits are bilinear in them), and the mean message is
+layer-normalised. The GNN gets no position embedding: it cannot tell a sampled peer from a non-peer by where it
+sits, so an edge is worth exactly what the sampler made it.
 
-Why it levelled off at 68% (entropy bonus on p(j | i) itself, weight 3e-3): p collapsed before it was right. At
-step 1200 of the CPU run (seed 0) its entropy was 0.45 nats (20 equal peers: log 20 = 3.0), the logits spanned 69
-nats, two independent draws gave a cell the same 20-set 41% of the time, and even the first draw, the cell the head
-was surest of, was a true peer only 69% of the time. The wrong cells were random non-peers (79% outside the cell's
-band and stack, where 60% of non-peers are), not a missed peer type (top-K recall: row 0.63, column 0.67, box 0.63).
-A wrong cell that every draw picks gets a zero RLOO advantage and a peer that no draw picks gets no gradient, so
-nothing corrects either. The entropy of p is the entropy of the FIRST draw only: it cannot see the tail the later
-draws pick from. The bonus is now the mean entropy of the K conditionals the draw actually picked from (draw t:
-p renormalised over the cells not drawn before it), at weight 3e-2: the last draws stay exploratory and precision
-keeps rising (numbers below). Not kept: normalising the advantages (faster start, lower at 1200 steps), cosine
-logits at a fixed scale of 10 (slower start, same at 1200 steps). With the advantages unnormalised, Adam divides
-their overall scale out, but their ratio to the entropy bonus is what sets how much the draws explore.
+Why it levelled off at 68% (measured, like the next paragraph, with the sampler reading the cells; entropy bonus on
+p(j | i) itself, weight 3e-3): p collapsed before it was right. At step 1200 of the CPU run (seed 0) its entropy was
+0.45 nats (20 equal peers: log 20 = 3.0), the logits spanned 69 nats, two independent draws gave a cell the same
+20-set 41% of the time, and even the first draw, the cell the head was surest of, was a true peer only 69% of the
+time. The wrong cells were random non-peers (79% outside the cell's band and stack, where 60% of non-peers are), not
+a missed peer type (top-K recall: row 0.63, column 0.67, box 0.63). A wrong cell that every draw picks gets a zero
+RLOO advantage and a peer that no draw picks gets no gradient, so nothing corrects either. The entropy of p is the
+entropy of the FIRST draw only: it cannot see the tail the later draws pick from. The bonus is now the mean entropy
+of the K conditionals the draw actually picked from (draw t: p renormalised over the cells not drawn before it), at
+weight 3e-2: the last draws stay exploratory and precision keeps rising (numbers below). Not kept: normalising the
+advantages (faster start, lower at 1200 steps), cosine logits at a fixed scale of 10 (slower start, same at 1200
+steps). With the advantages unnormalised, Adam divides their overall scale out, but their ratio to the entropy bonus
+is what sets how much the draws explore.
 
 Why it then stopped near 90% (0.897 seed 0, 0.849 seed 1): the draws collapsed again, later. At step 2400 (seed 0)
 the first 13 draws were 95-99% true peers but the last four 82, 74, 58, 33%, two draws of a cell repeated the same
-set 31% of the time, and the draws' mean entropy was 1.28 nats (20 equal peers in any order: ln(20!)/20 = 2.12).
-A fixed weight that holds it up from the start is too strong early (1e-1: the draws stayed uniform through step
-800), so the weight is a floor: while the draws' entropy is below --entropy_target (2 nats), log(weight) grows by
-0.01 per step per nat short, never below --entropy. It engages near step 1100, once the head is mostly right
-(weight 0.03 -> 0.13 by step 2400, entropy held at 2.0), and sampled and top-K precision part (0.89 vs 0.92 at the
-end): the draws keep trying cells outside the top K. The sampler's lr no longer decays either (1200-step screens,
-seed 0, top-K: 0.715 with decay, 0.761 without, 0.769 with the floor too; the onset of learning moves by a few
-hundred steps between runs, so this is weak evidence; --sampler_decay restores the decay).
+set 31% of the time, and the draws' mean entropy was 1.28 nats (20 equal peers in any order: ln(20!)/20 = 2.12). A
+fixed weight that holds it up from the start is too strong early (1e-1: the draws stayed uniform through step 800),
+so the weight is a floor: while the draws' entropy is below --entropy_target (2 nats), log(weight) grows by 0.01 per
+step per nat short, never below --entropy. It engages near step 1100, once the head is mostly right (weight 0.03 ->
+0.13 by step 2400, entropy held at 2.0), and sampled and top-K precision part (0.89 vs 0.92 at the end): the draws
+keep trying cells outside the top K. The sampler's lr no longer decays either (1200-step screens, seed 0, top-K:
+0.715 with decay, 0.761 without, 0.769 with the floor too; the onset of learning moves by a few hundred steps
+between runs, so this is weak evidence; --sampler_decay restores the decay).
 
-Where it stands (4800 CPU steps, below): two seeds in four reach 97-99%, the others stop at 87-92%. In a healthy
-run the errors sit at the bottom of each cell's ranking (64 RRN validation puzzles, the top 20 cells by p: ranks
-1-14 at least 98% true peers for seeds 0 and 1, ranks 18-20 92, 88, 72% and 73, 64, 35%). The runs that stop
-low (seed 3 here; seed 2 with --reward_iters 4) are different: their graphs depend on the puzzle. The top 20 of p
-averaged over those 64 puzzles is 94-95% right, each puzzle's own top 20 only 87-88%, with errors from rank 4 on;
-the healthy runs show no such gap (0.972 vs 0.971, 0.922 vs 0.920). The true graph is the same for every puzzle,
-so the head's path through the digits drifts there: with that path cut (self.qk(h) dropped from the logits, the
-positions alone left) seeds 3 / 1 reach 0.952 / 0.944. A head that reads the digits without drifting is next.
+Why the sampler reads positions only (4800 CPU steps, below). Reading the cell tokens (digit + position,
+--sampler_reads cells), two seeds in four reached 97-99% and two stopped at 87-92%, and those two runs' graphs
+depended on the puzzle: the top 20 of p averaged over 64 validation puzzles was 94-95% right, each puzzle's own
+top 20 only 87-88%, with errors from rank 4 on; the healthy runs showed no such gap (0.972 vs 0.971, seed 0).
+The sudoku graph is the same for every puzzle, so the transformer now reads the 81 position embeddings alone (one
+table per step for the whole batch) and all four seeds reach 96-98%. With digits, cutting just the head's path
+through the transformer (positions alone left) had lifted seeds 3 / 1 to 0.952 / 0.944.
 
 Reported: solved rate on the RRN test after every iteration 1..--iters (sampled or top-K test graph), adjacency
-precision/recall over training (uniform sampling: 25%), validation puzzles topped up to the training givens, and
-the variance of the sampler's gradient estimate under each baseline, measured on the same graph draws of a fixed
+precision/recall over training (uniform sampling: 25%), validation puzzles topped up to the training givens, and the
+variance of the sampler's gradient estimate under each baseline, measured on the same graph draws of a fixed
 validation batch (adjacency.png, results.json).
 
 Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
@@ -74,19 +74,18 @@ CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
         --max_givens 50 --curriculum 0 --train_iters 4 --iters 8 --steps 4800 --batch_size 16 --warmup 20 \\
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-    CPU result (one thread of a shared 2-core machine, 2-4 runs at a time; 941, 1239, 859, 867 s of training),
-    seeds 0-3: top-K test graph precision (= recall at K = 20) 0.971, 0.920, 0.988, 0.866; top-K validation
-    graphs every 400 steps 0.32, 0.46, 0.73, 0.87, 0.91, 0.92, 0.93, 0.95, 0.96, 0.97, 0.97, 0.97 (seed 0,
-    assets/learned_adjacency_cpu.png); seed 3 levelled off at 0.77-0.82 from step 1200. Sampler-gradient variance
-    at the end (seed 0): none 0.074, ema 0.057, rloo 0.030. Seed 2 solved 3 of the 180 test puzzles (17-34
-    givens, 10 per count, all harder than the training puzzles) at 5-8 iterations, none at 4 = train_iters; its
-    checkpoint with --iters 32 --n_test 50 solves 0.1% at 4 iterations, 1.1% at 8 and none from 12 on (this GNN
-    has no --settle term).
-    With --steps 2400: 0.924 / 0.937 (seeds 0 / 1, 469 / 439 s). Screens not kept: --reward_iters 4 (above);
-    --sampler_decay, 0.945 / 0.785 at step 3200 of 4800 (seeds 0 / 1, stopped there; the constant lr had 0.954 /
-    0.892 at that step); a symmetric head (the i -> j and j -> i logits averaged), 0.943 / 0.898 with --steps 2400.
-    Earlier, with --steps 2400: a fixed bonus weight and a decaying sampler lr 0.897 / 0.849; the bonus on the
-    first draw only 0.852 at weight 3e-2, 0.681 at 3e-3 (seed 0).
+    CPU result (one thread of a shared 2-core machine, 2-3 runs at a time; 873, 845, 835, 764 s of training),
+    seeds 0-3: top-K test graph precision (= recall at K = 20) 0.965, 0.977, 0.977, 0.982 (--sampler_reads
+    cells: 0.971, 0.920, 0.988, 0.866); top-K validation graphs every 400 steps 0.45, 0.72, 0.81, 0.85, 0.88,
+    0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.97 (seed 0, assets/learned_adjacency_cpu.png). Sampler-gradient
+    variance at the end (seed 0): none 0.100, ema 0.075, rloo 0.035. RRN test (17-34 givens, 10 per count, all
+    harder than the training puzzles): seeds 1 / 3 solve 1.7 / 3.3% after 8 iterations, none after 4 =
+    train_iters; seed 3's checkpoint with --iters 32 --n_test 50: 0.1% after 4, 3.6% after 8, at most 4.1% (10
+    iterations; 28% of the 34-givens puzzles), 0.7% after 32 (this GNN has no --settle term).
+    Screens not kept, sampler reading the cells, seeds 0 / 1: --steps 2400, 0.924 / 0.937; --sampler_decay,
+    0.945 / 0.785 at step 3200 of 4800 (stopped there; the constant lr had 0.954 / 0.892); a symmetric head (the
+    i -> j and j -> i logits averaged), 0.943 / 0.898 with --steps 2400; the bonus on the first draw only (seed 0,
+    2400 steps) 0.852 at weight 3e-2.
 """
 import math
 import os
@@ -119,6 +118,7 @@ class Config:
     k: int = 20  # neighbours sampled per cell (the true graph has 20 peers)
     sampler_width: int = 64  # transformer width of the graph sampler
     sampler_layers: int = 2  # transformer layers before the top attention head
+    sampler_reads: str = field(default="positions", metadata={"choices": ("positions", "cells")})  # see docstring
     # training
     train_iters: int = 32  # GNN iterations with gradient, loss after every one
     steps: int = 30000
@@ -181,30 +181,31 @@ NEG = -1e9  # log-probability of a cell choosing itself: finite, so p log p and 
 # ---------------------------------------------------------------- graph sampler
 
 class GraphSampler(nn.Module):
-    """Transformer over the 81 cell tokens; its top attention head's logits are log p(j | i) over cells j != i."""
+    """Transformer over the 81 positions (and digits with --sampler_reads cells); top head: log p(j | i), j != i."""
 
     def __init__(self, cfg):
         super().__init__()
         w = cfg.sampler_width
-        self.digit = nn.Embedding(10, w)
+        self.digit = nn.Embedding(10, w) if cfg.sampler_reads == "cells" else None
         self.pos = nn.Parameter(torch.randn(81, w))  # unit scale: the logits are bilinear in it, a small start is slow
         layer = nn.TransformerEncoderLayer(w, 4, 4 * w, dropout=0.0, batch_first=True, norm_first=True)
         self.body = nn.TransformerEncoder(layer, cfg.sampler_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(w)
         self.qk = nn.Linear(w, 2 * w)
         self.qk_pos = nn.Linear(w, 2 * w, bias=False)  # the head also reads the positions directly: see forward
-        nn.init.zeros_(self.qk.weight), nn.init.zeros_(self.qk.bias)  # the path through the digits starts silent
+        nn.init.zeros_(self.qk.weight), nn.init.zeros_(self.qk.bias)  # the path through the body starts silent
         self.register_buffer("reward_ema", torch.zeros(81))  # per-cell baseline for --baseline ema
         self.register_buffer("entropy_log_gain", torch.zeros(()))  # bonus weight = --entropy * e^this, this >= 0
 
     def forward(self, quiz):  # quiz (B, 81) -> log p (B, 81, 81), rows sum to 1 over j != i
-        h = self.norm(self.body(self.digit(quiz) + self.pos))  # (B, 81, w)
-        # the sudoku graph is a function of position alone: a direct position term lets the head hold that 81 x 81
-        # table without routing it through layers that also carry the (puzzle-dependent) digits
+        # positions only: the same graph for every puzzle, one (1, 81, 81) table expanded over the batch
+        x = self.pos[None] if self.digit is None else self.digit(quiz) + self.pos
+        h = self.norm(self.body(x))  # (1 or B, 81, w)
+        # the direct position term lets the head hold the 81 x 81 table from the first step, before the body learns
         q, k = (self.qk(h) + self.qk_pos(self.pos)).float().chunk(2, -1)
-        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, 81, 81)
+        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (1 or B, 81, 81)
         eye = torch.eye(81, dtype=torch.bool, device=quiz.device)
-        return logits.masked_fill(eye, NEG).log_softmax(-1)
+        return logits.masked_fill(eye, NEG).log_softmax(-1).expand(len(quiz), -1, -1)
 
 
 def gumbel_topk(logp, k, generator):
