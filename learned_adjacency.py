@@ -50,9 +50,8 @@ fixed weight that holds it up from the start is too strong early (1e-1: the draw
 so the weight is a floor: while the draws' entropy is below --entropy_target (2 nats), log(weight) grows by 0.01 per
 step per nat short, never below --entropy. It engages near step 1100, once the head is mostly right (weight 0.03 ->
 0.13 by step 2400, entropy held at 2.0), and sampled and top-K precision part (0.89 vs 0.92 at the end): the draws
-keep trying cells outside the top K. The sampler's lr no longer decays either (1200-step screens, seed 0, top-K:
-0.715 with decay, 0.761 without, 0.769 with the floor too; the onset of learning moves by a few hundred steps
-between runs, so this is weak evidence; --sampler_decay restores the decay).
+keep trying cells outside the top K. The sampler's lr no longer decays either (--sampler_decay restores it: screens
+below).
 
 Why the sampler reads positions only (4800 CPU steps, below). Reading the cell tokens (digit + position,
 --sampler_reads cells), two seeds in four reached 97-99% and two stopped at 87-92%, and those two runs' graphs
@@ -81,7 +80,8 @@ CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     variance at the end (seed 0): none 0.100, ema 0.075, rloo 0.035. RRN test (17-34 givens, 10 per count, all
     harder than the training puzzles): seeds 1 / 3 solve 1.7 / 3.3% after 8 iterations, none after 4 =
     train_iters; seed 3's checkpoint with --iters 32 --n_test 50: 0.1% after 4, 3.6% after 8, at most 4.1% (10
-    iterations; 28% of the 34-givens puzzles), 0.7% after 32 (this GNN has no --settle term).
+    iterations; 28% of the 34-givens puzzles), 0.7% after 32. sudoku_gnn's --settle penalty at weight 0.03 / 0.1
+    / 0.3 (seed 3): top-K 0.928 / 0.948 / 0.964, at most 0.0 / 0.1 / 0.4% solved in 32 iterations: not kept.
     Screens not kept, sampler reading the cells, seeds 0 / 1: --steps 2400, 0.924 / 0.937; --sampler_decay,
     0.945 / 0.785 at step 3200 of 4800 (stopped there; the constant lr had 0.954 / 0.892); a symmetric head (the
     i -> j and j -> i logits averaged), 0.943 / 0.898 with --steps 2400; the bonus on the first draw only (seed 0,
