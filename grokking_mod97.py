@@ -13,8 +13,10 @@ Why Muon: with AdamW in the same recipe (median 131 steps) train and validation 
 memorising to generalising. Muon replaces each matrix's momentum by its orthogonal part U V^T, so every direction
 of the matrix moves at the same rate however small its gradient, and the blocks learn their few-frequency circuit
 in ~30 steps (Tveit et al. 2025 also report Muon speeding up grokking). Grokfast gradient filtering, perpendicular
-gradients and Lion (flags) were slower than AdamW in short CPU runs at p = 47, a core applied twice
-(`--train_iters 2`) was slower at p = 23, and StableMax (flag) is not yet measured at p = 97.
+gradients and Lion (flags) were slower than AdamW in short CPU runs at p = 47, and a core applied twice
+(`--train_iters 2`) was slower at p = 23. StableMax in place of softmax in the loss (`--stablemax`; Prodromakis et
+al. 2025: no softmax collapse) is no faster at the 50% split or at p = 113, faster at the 30% split, groks even
+without weight decay, but stalls on a-b (numbers below), so it is not the default.
 `--recipe power` runs the original recipe (AdamW 1e-3, weight decay 1, beta2 0.98, batch 512, 10-step warm-up,
 embeddings at std 1) in the same harness. The transformer's blocks form one shared core that `--iters` can apply
 more often.
@@ -39,6 +41,9 @@ CPU results (one thread of a shared 2-core machine, so seconds are noisy; steps 
     --optimizer adamw 73 (the previous default; 5-seed median 131) | --embed_std 1: 92 | --weight_decay 1: 49
     --weight_decay 0: not within 300 (train accuracy 100% at step 26, validation peaks at 94% at step 262)
     --lr 1e-2: 53 | --muon_rms 0.2: 38 | --muon_rms 0.5: 36 | --muon_momentum 0.9: 33
+  --stablemax, seeds 0-4 (steps to 99%): 35, 36, 39, 36, 37 (median 36, the default's too); --train_frac 0.3: 90,
+    83, 90, 89, 86 (median 89 vs 104); --p 113: 39, 38, 35, 37, 37 (median 37 vs 36); --op sub, seeds 0-1: not
+    within 300 (validation 0.24 / 0.43 at step 300; softmax 87, 84); --weight_decay 0, seeds 0-1: 135, 133
 CPU smoke test (p = 23, chance 4%; seeds 0-7 reach 95% validation at steps 163, 140, 130, 158, 183, 275, 134,
 165; 4-10 s each):
     python grokking_mod97.py --p 23 --width 64 --steps 300 --target 0.95 --eval_every 1 --device cpu
