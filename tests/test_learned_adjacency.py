@@ -142,8 +142,8 @@ def test_gnn_reads_only_the_sampled_neighbours():
 
 @pytest.mark.parametrize("reads", ["positions", "cells"])
 def test_sampler_reads_the_digits_only_when_asked(reads):
-    """--sampler_reads positions gives every puzzle the same p(j | i), even with the head's digit path switched on;
-    --sampler_reads cells lets two puzzles get different graphs."""
+    """--sampler_reads positions gives every puzzle the same p(j | i), even with the head's path through the
+    transformer switched on; --sampler_reads cells lets two puzzles get different graphs."""
     torch.manual_seed(0)
     sampler = la.GraphSampler(la.Config(sampler_width=16, sampler_reads=reads))
     torch.nn.init.normal_(sampler.qk.weight)  # starts at zero; made live so a digit dependence would show
