@@ -33,9 +33,11 @@ CPU-scale version (train <=6 digits, test 8-32 digits; 1 thread of a shared 2-co
     CPU result: exact match 1.000 at 8, 16 and 32 digits (200 examples each, half long-carry), reached after
     10, 17 and 35 iterations, still 1.000 at iteration 96 (past 4x the need at 8 and 16 digits); 257 s of
     training. The same checkpoint with --test_digits 64,128 --iters 400: 1.000 at 64 digits (57 iterations
-    needed) and at 128 digits (136 needed), unchanged up to iteration 400; with --test_digits 1000 --n_test 100
-    --iters 1300 (18 min of evaluation): 1.000 at 1,000 digits, half long-carry (0.64 after 8 iterations, 0.75
-    after 64, 0.97 after 1,000, 0.99 after 1,044 = needed, 1.000 from 1,100 to 1,300; the three runs' curves are
+    needed) and at 128 digits (136 needed), unchanged up to iteration 400. At 4x the need, longer:
+    --test_digits 256 --iters 1100: 1.000 (257 needed, 1.000 at 4x = 1,028); --test_digits 512 --n_test 100
+    --iters 2200: 1.000 (528 needed, 1.000 at 2,112). --test_digits 1000 --n_test 100 --iters 1300 (18 min of
+    evaluation): 1.000 at 1,000 digits, half long-carry (0.64 after 8 iterations, 0.75 after 64, 0.97 after 1,000,
+    0.99 after 1,044 = needed, 1.000 from 1,100 to 1,300; 4x not run; curves for 8-128 and 1,000 digits in
     assets/recurrent_addition_cpu_train6_test*.png). Baselines, same flags:
     --model feedforward 0.985 / 0.890 / 0.835 at 8 / 16 / 32 digits (flat after its 12 blocks);
     --no-recall peaks at 0.375 / 0.115 / 0.040 near iteration 16 and falls to 0.000 by 96 (it overthinks).
