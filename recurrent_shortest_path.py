@@ -22,26 +22,34 @@ next-hop accuracy 0.53 in the start slot, 0.99 for the same cities mid-path, whe
 92% of failed paths went wrong on hop one). So each batch also holds `neighbour_frac` x batch_size sequences
 [NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's links: the map alone,
 no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, beat 1 for the recurrent
-model on both CPU seeds below (deep: -3.6 and -0.8 points, within noise).
+model on both CPU seeds below (deep: -3.6 and -0.8 points, within noise) and lifted both arms by ~20 points.
 
-CPU (plane map, 300 cities -> 287 in the largest component, longest path 26 hops; one thread on a shared 2-core
-machine, 2-3 min training + 10 s evaluation each), both arms at 5.27e12 training FLOPs:
+CPU (one thread on a shared 2-core machine; every arm trained with the same --flop_budget F, seeds 0-2). Plane map,
+300 cities -> 287 in the largest component, longest path 26 hops:
   OMP_NUM_THREADS=1 python recurrent_shortest_path.py --map plane --n_cities 300 --max_hops 32 --width 64 \
-      --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget 5273419776000 \
-      --seed S [--arch deep] [--neighbour_frac 1]
-  reach within 5% of optimal on held-out sources, seeds 0 / 1:
-    neighbour_frac 2 (949 steps recurrent, 1,104 deep): recurrent 0.833 / 0.768 at k = 8 (0.844 / 0.797 at k = 4 =
-      train_iters), deep 0.768 / 0.804; held-out pairs 0.894 / 0.917 vs 0.921 / 0.947; valid hops (sources)
-      0.988 / 0.986 vs 0.948 / 0.976; probe R^2 0.925 / 0.920 vs 0.882 / 0.875
-    neighbour_frac 1 (1,000 / 1,163 steps): recurrent 0.775 / 0.746 (0.786 / 0.775 at k = 4), deep 0.804 / 0.812;
-      pairs 0.894 / 0.902 vs 0.917 / 0.936; valid hops 0.993 / 0.964 vs 0.945 / 0.968;
-      probe 0.913 / 0.903 vs 0.870 / 0.873
-    neighbour_frac 0 (the previous version, seed 0, 4.99e12 FLOPs): recurrent 0.554, deep 0.583
-  So the queries lift both arms by ~20 points; recurrent and deep tie within noise (~270 test pairs per split, so a
-  few points), recurrent makes fewer invalid hops, and iterations past train_iters do not help at this scale
-  (assets/recurrent_shortest_path_cpu.png: recurrent, neighbour_frac 2, seed 0). A progressive loss (the tied block
-  first applied 0..train_iters-1 times without gradient, FLOPs counted: 889 steps) gave 0.768 / 0.783 on sources
-  and 0.864 / 0.841 on pairs, as flat in k: not kept.
+      --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget F \
+      --seed S [--arch deep|wide]
+  reach within 5% of optimal, median of 3 seeds, held-out sources / held-out pairs (recurrent: k = 8, and in
+  brackets k = 4 = train_iters; deep = 6 blocks of width 64, wide = 3 blocks of width 96):
+    F = 2.64e12 (474 / 552 / 493 steps): recurrent 0.500 (0.500) / 0.542, deep 0.533 / 0.625, wide 0.746 / 0.875
+    F = 5.27e12 (949 / 1,104 / 986):     recurrent 0.768 (0.797) / 0.917, deep 0.804 / 0.947, wide 0.880 / 0.977
+    F = 1.05e13 (1,898 / 2,209 / 1,972): recurrent 0.822 (0.841) / 0.973, deep 0.790 / 0.985, wide 0.906 / 0.989
+  The wide model wins at every budget and seed on held-out sources (0.84-0.92 at the two larger budgets), makes
+  the fewest invalid hops (median 0.997 valid at 5.27e12, recurrent 0.986, deep 0.976) and trains in about a
+  quarter less wall-clock. The recurrent model's embeddings give the best probe (median R^2 0.906 / 0.920 / 0.933
+  at the three budgets; wide 0.896 / 0.914 / 0.915, deep 0.852 / 0.875 / 0.904), but its accuracy falls from
+  k = 4 to k = 8 in 8 of 9 runs (the ninth is level).
+  Neighbour queries at F = 5.27e12, seed 0: without them 0.554 recurrent vs 0.583 deep; neighbour_frac 1 (seeds
+  0 / 1) 0.775 / 0.746 vs 0.804 / 0.812. A progressive loss (the tied block first applied 0..train_iters-1 times
+  without gradient, FLOPs counted: 889 steps) gave 0.768 / 0.783 on sources, as flat in k: not kept.
+Long paths: --n_cities 500 --degree 6 --max_hops 40 --iters 16 --eval_every 1000 --flop_budget 2e13 (442 cities,
+longest path 36 hops; 2,649 / 3,288 / 2,924 steps, 7 / 7 / 5 min), seeds 0 / 1, held-out sources of >= 30 hops
+within 5%: recurrent 0.80 / 0.84 at k = 16 (0.81 / 0.84 at k = 4; 100 pairs each), deep 0.87 / 0.90, wide
+0.84 / 0.82; all lengths 0.743 / 0.768 (peak 0.812 / 0.815 at k = 2 / 7), 0.870 / 0.873, 0.850 / 0.833; held-out
+pairs 0.950 / 0.950, 0.993 / 0.990, 0.993 / 0.985. So at these scales extra iterations do not buy accuracy, on
+long paths either: the hard part is the first hop from a start city never trained on, which is map knowledge that
+more parameters hold and more iterations do not create (assets/recurrent_shortest_path_cpu.png: recurrent,
+F = 5.27e12, seed 0; assets/recurrent_shortest_path_cpu_long.png: long paths, recurrent, seed 0).
 """
 import csv
 import math
