@@ -50,6 +50,9 @@ CPU, trained on <=20 digits like the headline (the headline's model at width 64,
     (0.60 after 64 iterations, 0.99 after 965 = needed, 1.000 from 1,043 to 1,300; assets/
     recurrent_addition_cpu_train20_test1000.png); its first 20 rows with --iters 4400: 1.000 from iteration 968 to
     4,400. Seed 1 (675 s): 1.000 at 20, 50 and 100 digits (21, 50 and 96 needed) and at 1,000 digits (from 961 on).
+    Baselines, same flags (seed 0): --model feedforward 1.000 / 0.900 / 0.805 at 20 / 50 / 100 digits (flat after
+    its 24 blocks; 763 s); --no-recall did not learn at all at this depth (0.16 of the digits right after any
+    iteration, no sum exact; 809 s).
     CUDA runs may differ slightly.
 """
 import math
