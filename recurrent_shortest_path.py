@@ -39,6 +39,9 @@ CPU (one thread on a shared 2-core machine; every arm trained with the same --fl
   quarter less wall-clock. The recurrent model's embeddings give the best probe (median R^2 0.906 / 0.920 / 0.933
   at the three budgets; wide 0.896 / 0.914 / 0.915, deep 0.852 / 0.875 / 0.904), but its accuracy falls from
   k = 4 to k = 8 in 8 of 9 runs (the ninth is level).
+  A wider recurrent arm (--width 96 --n_layers 1 --train_iters 2: 919 steps at 5.27e12, seeds 0-2) is best
+  after one or two iterations (0.855 / 0.862 / 0.859, close to wide) and loses more with every extra one:
+  0.761 / 0.736 / 0.685 at k = 8 (seed 0 at 1.05e13: 0.851 at k = 1, 0.670 at k = 8).
   Neighbour queries at F = 5.27e12, seed 0: without them 0.554 recurrent vs 0.583 deep; neighbour_frac 1 (seeds
   0 / 1) 0.775 / 0.746 vs 0.804 / 0.812. A progressive loss (the tied block first applied 0..train_iters-1 times
   without gradient, FLOPs counted: 889 steps) gave 0.768 / 0.783 on sources, as flat in k: not kept.
