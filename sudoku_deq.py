@@ -5,7 +5,9 @@ whose first layer is split into per-node projections A h_i + B h_j made before t
 re-reads the input). Instead of unrolling it and back-propagating through every iteration, the forward pass finds
 the fixed point h* with Anderson acceleration (or plain iteration) without an autograd graph, and the backward
 pass solves the adjoint fixed point g = g df/dh + dL/dh* with the same solver (implicit function theorem; Bai et
-al. 2019), so training memory does not grow with the number of iterations. A phantom gradient (a few damped
+al. 2019), so training memory does not grow with the number of iterations (the tensors autograd saves for one
+training step of 2 puzzles at the default width: 6.8 MB with 8 or 32 solver iterations alike, against 15.8 / 61.5
+MB for sudoku_gnn's unrolled step at 8 / 32 iterations; tests/test_sudoku_deq.py). A phantom gradient (a few damped
 steps of f from h* with autograd; Geng et al. 2021) is the cheaper alternative behind --backward phantom. The
 loss is taken at the fixed point only (there is no unrolled trajectory to put one on), and test-time compute is
 simply more solver iterations.
