@@ -54,9 +54,11 @@ long paths either: the hard part is the first hop from a start city never traine
 more parameters hold and more iterations do not create (assets/recurrent_shortest_path_cpu.png: recurrent,
 F = 5.27e12, seed 0; assets/recurrent_shortest_path_cpu_long.png: long paths, recurrent, seed 0).
 US map at CPU scale (the headline's map; --width 64 --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every
-500 --flop_budget 4e13, seed 0): wide (2,586 steps, 749 s) 0.745 of held-out start cities and 0.875 of held-out
-pairs within 5%, 0.87 at >= 30 hops, valid hops 0.957, probe R^2 0.883; recurrent (1,641 steps, 1,140 s) 0.333
-at k = 8 (0.350 at k = 4), pairs 0.412, >= 30 hops 0.40 (0.49 at k = 3), valid hops 0.966, probe 0.768.
+500 --flop_budget 4e13): wide (2,586 steps, 749 / 735 s) 0.745 / 0.765 of held-out start cities and 0.875 /
+0.890 of held-out pairs within 5% (seeds 0 / 1), 0.87 / 0.89 at >= 30 hops, valid hops 0.957 / 0.947, probe R^2
+0.883 / 0.882; deep (3,103 steps, 946 s, seed 0) 0.735, pairs 0.853, >= 30 hops 0.86, probe 0.789; recurrent
+(1,641 steps, 1,140 s, seed 0) 0.333 at k = 8 (0.350 at k = 4), pairs 0.412, >= 30 hops 0.40 (0.49 at k = 3),
+valid hops 0.966, probe 0.768.
 """
 import csv
 import math
