@@ -133,12 +133,13 @@ def test_spectral_penalty_pulls_the_cell_radius_below_one():
 def saved_mb(loss_fn):
     """MB of distinct tensor storage autograd saves for backward while loss_fn() runs (activations and weights):
     the part of training memory that an unrolled loop multiplies by its number of iterations. Every saved tensor is
-    kept alive until the end, so no storage address is reused and counted once for two tensors."""
+    kept alive until the end, so a freed storage's address cannot be reused by a later one and hide it."""
     storages, kept = {}, []
 
     def pack(t):
         kept.append(t)
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss_fn()
