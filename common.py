@@ -3,8 +3,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -33,7 +35,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(config_cls, argv=None):
     """Build an argparse CLI from a Config dataclass: --snake_case and --kebab-case, bools as --x/--no-x.
-    Range checks: the common names above, plus the dataclass's own __post_init__ (raise ValueError there)."""
+    Range checks: every float finite, the common names above, plus the dataclass's own __post_init__ (raise
+    ValueError there). A command-line run also treats SIGTERM (`timeout`, a batch scheduler) like Ctrl-C, so the
+    training loop's KeyboardInterrupt handler saves a checkpoint before the process ends."""
     parser = _Parser(description=sys.modules[config_cls.__module__].__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(config_cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -44,6 +48,9 @@ def parse_config(config_cls, argv=None):
             parser.add_argument(*names, dest=f.name, type=f.type, default=f.default, choices=choices,
                                 help=f.metadata.get("help"))
     args = vars(parser.parse_args(argv))
+    for name, value in args.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            user_error(f"--{name} must be a finite number, got {value}")
     for name in POSITIVE_INTS:
         if name in args and args[name] < 1:
             user_error(f"--{name} must be >= 1, got {args[name]}")
@@ -51,9 +58,11 @@ def parse_config(config_cls, argv=None):
         if name in args and args[name] < 0:
             user_error(f"--{name} must be >= 0, got {args[name]}")
     try:
-        return config_cls(**args)
+        cfg = config_cls(**args)
     except ValueError as e:
         user_error(str(e))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return cfg
 
 
 def set_seed(seed):
@@ -105,6 +114,14 @@ def peak_mem_gb(device):
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
+def log_progress(bar, step, **stats):
+    """A log step's numbers: the tqdm bar's postfix on a terminal, a printed line where tqdm turned the bar off
+    (output to a file: a batch job, nohup), so such a log still shows how training went."""
+    bar.set_postfix(**stats)
+    if bar.disable:
+        print(f"step {step}: " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -119,7 +136,10 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, obj):
-    """Atomic: write a temp file, then rename over the old checkpoint, so a crash never leaves half a file."""
+    """Atomic: write a temp file, then rename over the old checkpoint, so a crash never leaves half a file.
+    Weights that are not finite are never written: the run stops and the checkpoint on disk stays as it was."""
+    if not all(torch.isfinite(v).all() for v in obj["model"].values() if v.is_floating_point()):
+        sys.exit(f"stopped: the model's weights are not finite; {path} was not overwritten")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
@@ -149,9 +169,13 @@ def load_weights(model, weights):
         user_error(f"checkpoint weights do not fit the model built from its config ({detail})")
 
 
-def eval_config(saved, cli, names):
-    """--ckpt: the model comes from the saved config; only the evaluation flags in `names` come from the CLI."""
-    return dataclasses.replace(saved, **{n: getattr(cli, n) for n in names})
+def eval_config(config_cls, saved, cli, names):
+    """--ckpt: the model comes from the saved config (a dict); only the evaluation flags in `names` come from the
+    CLI. A saved config that is invalid, alone or with those flags, is a user error."""
+    try:
+        return config_cls(**{**saved, **{n: getattr(cli, n) for n in names}})
+    except ValueError as e:
+        user_error(f"checkpoint {cli.ckpt} holds an invalid config: {e}")
 
 
 def write_results(out_dir, results):

@@ -60,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
-                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
+                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
 
 # the recipe of Power et al. (2022); `--recipe power` overrides these flags with it
@@ -355,8 +355,8 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
                 # the only host sync in the loop
                 tr, va, best = torch.stack([hist[i, 0], hist[i, 1], hist[checked:step, 1].max()]).tolist()
                 checked = step
-                bar.set_postfix(loss=f"{loss.item():.3f}", train=f"{tr:.3f}", val=f"{va:.3f}",
-                                samples_per_s=f"{(step - start) * bs / (time.time() - t0):.0f}")
+                log_progress(bar, step, loss=f"{loss.item():.3f}", train=f"{tr:.3f}", val=f"{va:.3f}",
+                             samples_per_s=f"{(step - start) * bs / (time.time() - t0):.0f}")
                 # any step since the last check counts: validation accuracy is spiky around the target
                 if best >= cfg.target:
                     seconds_to_target = time_before + time.time() - t0
@@ -364,7 +364,8 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
     except KeyboardInterrupt:
         if on_interrupt is not None:
             on_interrupt(snapshot())
-        raise SystemExit(f"interrupted at step {step}")
+        print(f"interrupted at step {step}")
+        sys.exit(130)
     sync(device)
     bar.close()
     state = snapshot()
@@ -423,7 +424,7 @@ def main(cfg):
     saved = None
     if cfg.ckpt:
         saved = load_checkpoint(cfg.ckpt, Config)
-        cfg = eval_config(Config(**saved["config"]), cfg, EVAL_FLAGS)
+        cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     data = [t.to(device) for t in make_data(cfg.p, cfg.op, cfg.train_frac, cfg.split_seed)]

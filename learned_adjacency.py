@@ -425,7 +425,7 @@ def main(cfg):
     saved = None
     if cfg.ckpt:
         saved = load_checkpoint(cfg.ckpt, Config)
-        cfg = eval_config(Config(**saved["config"]), cfg, EVAL_FLAGS)
+        cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
@@ -519,17 +519,17 @@ def main(cfg):
                     val_log.append({"step": step, "loss": gnn_loss.item()} | val_stats())
                     eval_s += time.time() - t_eval
                     e = val_log[-1]
-                    bar.set_postfix(loss=f"{gnn_loss.item():.4f}", prec=f"{e['precision']:.3f}",
-                                    val_solved=f"{e['val_solved_sampled']:.3f}", puzzles_per_s=f"{speed:.0f}")
                     bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "
                               f"{e['precision_topk']:.3f} | val solved {e['val_solved_sampled']:.3f} | grad var "
                               + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + f" | draw entropy "
-                              f"{entropy.item():.2f} weight {cfg.entropy * log_gain.exp().item():.3g} | givens >={lo}")
+                              f"{entropy.item():.2f} weight {cfg.entropy * log_gain.exp().item():.3g} | givens >={lo} "
+                              f"| {speed:.0f} puzzles/s")
         except KeyboardInterrupt:
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)
         bar.close()
+        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

@@ -66,8 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
-                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
+                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
 
 PAD = 10  # input token for "this operand has no digit in this column"
@@ -300,7 +300,7 @@ def main(cfg):
         saved = load_checkpoint(cfg.ckpt, Config)
         # the checkpoint's own test lengths unless --test_digits names others
         lengths = ("test_digits",) if cfg.test_digits != Config.test_digits else ()
-        cfg = eval_config(Config(**saved["config"]), cfg, EVAL_FLAGS + lengths)
+        cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS + lengths)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
@@ -362,14 +362,15 @@ def main(cfg):
                 if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                     exact = (logits[-1].argmax(-1) == y).all(-1).float().mean().item()
                     quick = evaluate(model, {first: test[first]}, 2 * cfg.train_iters, 256, device, dtype)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", train_exact=f"{exact:.3f}",
-                                    **{f"test{first}": f"{quick[str(first)][-1]:.3f}"},
-                                    samples_per_s=f"{(step - start) * cfg.batch_size / (time.time() - t0):.0f}")
+                    log_progress(bar, step, loss=f"{loss.item():.4f}", train_exact=f"{exact:.3f}",
+                                 **{f"test{first}": f"{quick[str(first)][-1]:.3f}"},
+                                 samples_per_s=f"{(step - start) * cfg.batch_size / (time.time() - t0):.0f}")
         except KeyboardInterrupt:
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)
         bar.close()
+        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

@@ -73,8 +73,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
-                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
+                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, user_error, write_results)
 
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "uscities.csv")
@@ -433,7 +433,7 @@ def probe_r2(emb, target, folds=5, alpha=1.0):
 def main(cfg):
     if cfg.ckpt:
         ckpt = load_checkpoint(cfg.ckpt, Config)
-        cfg = eval_config(Config(**ckpt["config"]), cfg, EVAL_FLAGS)
+        cfg = eval_config(Config, ckpt["config"], cfg, EVAL_FLAGS)
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -478,7 +478,7 @@ def main(cfg):
     if not cfg.ckpt and step < steps:
         sync(device)
         t0, start_step = time.time(), step
-        bar = tqdm(total=steps, initial=step, desc="train", file=sys.stdout, mininterval=2)
+        bar = tqdm(total=steps, initial=step, desc="train", file=sys.stdout, mininterval=2, disable=None)
         try:
             while step < steps:
                 # linear warmup, then cosine decay to 10% of --lr
@@ -508,8 +508,8 @@ def main(cfg):
                         pred = model(tf_x, cfg.train_iters, last_only=True)[-1].argmax(-1)
                     hop_acc = ((pred == tf_y) & (tf_y >= 0)).sum() / (tf_y >= 0).sum()
                     rate = (step - start_step) * cfg.batch_size / (time.time() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
-                                    samples_per_s=f"{rate:.0f}")
+                    log_progress(bar, step, loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
+                                 samples_per_s=f"{rate:.0f}")
         except KeyboardInterrupt:
             train_time += time.time() - t0
             checkpoint()
@@ -518,6 +518,7 @@ def main(cfg):
         bar.close()
         sync(device)
         train_time += time.time() - t0
+        checkpoint()  # before evaluating: a kill there keeps the training
     if cfg.ckpt:
         train_time = ckpt.get("train_time_s", 0.0)
 

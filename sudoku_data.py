@@ -113,7 +113,7 @@ def read_puzzles(path):
     try:
         with (lzma.open if path.endswith(".xz") else open)(path, "rt") as f:
             lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # EOFError: a cut .xz
         user_error(f"cannot read puzzle file {path}: {e}")
     if not lines:
         user_error(f"{path}: no puzzles in file")
@@ -123,12 +123,12 @@ def read_puzzles(path):
         if len(fields) > 2 or len(fields) != len(lines[0][1].split(",")):
             user_error(f"{path}:{n}: expected 'quiz' or 'quiz,solution' on every line, got {line[:40]!r}")
         quiz = fields[0].strip().replace(".", "0")
-        if len(quiz) != 81 or not quiz.isdigit():
+        if len(quiz) != 81 or not (quiz.isascii() and quiz.isdigit()):  # isdigit alone takes '²'
             user_error(f"{path}:{n}: a puzzle needs 81 characters from 0-9 or '.', got {fields[0][:40]!r}")
         quizzes.append(quiz)
         if len(fields) == 2:
             sol = fields[1].strip()
-            if len(sol) != 81 or not sol.isdigit() or "0" in sol:
+            if len(sol) != 81 or not (sol.isascii() and sol.isdigit()) or "0" in sol:
                 user_error(f"{path}:{n}: a solution needs 81 digits 1-9, got {sol[:40]!r}")
             solutions.append(sol)
     quiz = _digits(quizzes)
@@ -278,6 +278,11 @@ def confirm_split():
 # ---------------------------------------------------------------------------------------------------------------
 # training sampler (RRN's recipe): pool puzzle -> relabel digits -> random symmetry -> extra givens from the solution
 
+@functools.cache
+def _line_perms_on(device):  # once per device: a copy from host memory every batch would wait for the GPU
+    return torch.as_tensor(LINE_PERMS, device=device)
+
+
 def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_givens=34):
     """pool_* (N, 81) uint8 on the sampling device -> quiz (B, 81) long 0..9 (0 = blank), solution (B, 81) 1..9.
     The givens count is uniform in min_givens..max_givens (never fewer than the pool puzzle's own)."""
@@ -285,7 +290,7 @@ def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_
     idx = torch.randint(len(pool_quiz), (B,), generator=generator, device=dev)
     digits = torch.rand(B, 9, generator=generator, device=dev).argsort(1) + 1  # (B, 9) new name of digits 1..9
     relabel = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), digits], 1)  # blank stays blank
-    perms = torch.as_tensor(LINE_PERMS, device=dev)
+    perms = _line_perms_on(dev)
     rows = perms[torch.randint(len(perms), (B,), generator=generator, device=dev)]  # (B, 9)
     cols = perms[torch.randint(len(perms), (B,), generator=generator, device=dev)]
     src = rows[:, :, None] * 9 + cols[:, None, :]  # (B, 9, 9): new cell (r, c) reads old cell src[r, c]

@@ -32,15 +32,17 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     python sudoku_gnn.py --device cpu --width 32 --msg_width 32 --min_givens 30 --train_iters 8 --iters 32 \\
         --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 20 \\
         --eval_every 250
-    CPU result (seeds 0 / 1, 267 / 378 s of training on a shared 2-core machine; 20 test puzzles per givens
-    count): RRN test puzzles with 30-34 givens solved 98.0% / 94.0% at 32 iterations, all givens 55.0% / 52.5%
-    (0% with 17 givens); at 128 iterations the overall rate is 2.8 / 3.3 points HIGHER, and at 256 it is 57.8% /
-    55.0%. The same runs with --settle 0: 55.8% / 52.8% overall at 32 iterations, 21.4 / 0.3 points lower at 128,
-    21.9% / 15.6% at 256; the state's mean move per node per iteration at 256 is 0.009 / 0.07 with the penalty,
-    0.44 / 0.44 without. Adaptive halting (seed 0) solves 55.0% using 21.1 iterations on average.
-    Tried and not kept: Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on the three
-    input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0%
-    (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
+    CPU result (seeds 0 / 1, one thread each, 219 / 196 s of training on a shared 2-core machine; 20 test puzzles
+    per givens count): RRN test puzzles with 30-34 givens solved 95.0% / 97.0% at 32 iterations, all givens 53.3% /
+    53.3% (0% with 17 givens); at 128 iterations the overall rate is 3.1 / 2.2 points HIGHER, and at 256 it is
+    56.1% / 50.3%. The same runs with --settle 0: 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower
+    at 128, 39.2% / 0.0% at 256. Adaptive halting (seed 0) solves 53.6% using 21.4 iterations on average. CPU
+    results depend on the thread count (a 200-step run with 2 threads differs from the same run with 1), so an
+    earlier measurement of this command (98.0 / 94.0%, 55.0 / 52.5%) did not reproduce with one thread.
+    Tried and not kept (in that earlier measurement): Muon (grokking_mod97.py's optimiser: momentum 0.95, update
+    RMS 0.35 lr) on the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1%
+    overall, 30-34 givens 97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
+    Equal training wall-clock against sudoku_deq.py with these flags: see that script's docstring.
 """
 import math
 import os
@@ -53,9 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
-                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, user_error, write_results)
+from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
+                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, sync, write_results)
 from sudoku_data import (RRN_TEST, RRN_VAL, is_valid_grid, load_test_set, peer_index, read_puzzles, sample_batch,
                          train_pool)
 
@@ -288,10 +290,7 @@ def main(cfg):
     saved = None
     if cfg.ckpt:
         saved = load_checkpoint(cfg.ckpt, Config)
-        try:
-            cfg = eval_config(Config(**saved["config"]), cfg, EVAL_FLAGS)
-        except ValueError as e:
-            user_error(f"checkpoint {cfg.ckpt} holds an invalid config: {e}")
+        cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
@@ -368,13 +367,14 @@ def main(cfg):
                     model.train()
                     val_log.append([step, loss.item(), val_acc])
                     eval_s += time.time() - t_eval
-                    bar.set_postfix(loss=f"{loss.item():.4f}", val_solved=f"{val_acc:.3f}", givens=f">={lo}",
-                                    samples_per_s=f"{speed:.0f}")
+                    log_progress(bar, step, loss=f"{loss.item():.4f}", val_solved=f"{val_acc:.3f}", givens=f">={lo}",
+                                 samples_per_s=f"{speed:.0f}")
         except KeyboardInterrupt:
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)
         bar.close()
+        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

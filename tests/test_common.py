@@ -16,6 +16,7 @@ class Config:
     compile: bool = True
     op: str = dataclasses.field(default="add", metadata={"choices": ("add", "sub")})
     out_dir: str = "out/x"
+    ckpt: str = ""
 
     def __post_init__(self):
         if self.train_iters > 100:
@@ -36,8 +37,9 @@ def test_parse_both_spellings_and_bools():
     assert parse_config(Config, []) == Config()
 
 
-@pytest.mark.parametrize("argv", [["--iters", "0"], ["--lr", "-1"], ["--iters", "two"], ["--bogus", "1"],
-                                  ["--device", "tpu"], ["--op", "mul"], ["--train_iters", "101"]])
+@pytest.mark.parametrize("argv", [["--iters", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "inf"],
+                                  ["--iters", "two"], ["--bogus", "1"], ["--device", "tpu"], ["--op", "mul"],
+                                  ["--train_iters", "101"]])
 def test_bad_values_exit_2_with_one_line(argv, capsys):
     code, err = exit_code_and_message(argv, capsys)
     assert code == 2 and err.startswith("error:") and "\n" not in err
@@ -53,6 +55,17 @@ def test_checkpoint_round_trip_is_atomic(tmp_path):
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["step"] == 7
 
 
+def test_non_finite_weights_never_replace_a_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    good = {"model": {"w": torch.randn(3, 4), "n": torch.tensor(2)}, "config": dataclasses.asdict(Config()), "step": 7}
+    save_checkpoint(path, good)
+    broken = {**good, "model": {"w": torch.full((3, 4), float("nan")), "n": torch.tensor(2)}, "step": 8}
+    with pytest.raises(SystemExit) as e:
+        save_checkpoint(path, broken)
+    assert e.value.code != 0 and "not overwritten" in str(e.value.code)
+    assert load_checkpoint(path, Config)["step"] == 7 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_bad_checkpoints_exit_2(tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
@@ -65,10 +78,13 @@ def test_bad_checkpoints_exit_2(tmp_path, capsys):
         assert path in capsys.readouterr().err
 
 
-def test_eval_config_takes_only_evaluation_flags():
-    saved, cli = Config(train_iters=3, lr=0.1), Config(iters=9, lr=0.5)
-    cfg = eval_config(saved, cli, ["iters"])
+def test_eval_config_takes_only_evaluation_flags(capsys):
+    saved, cli = dataclasses.asdict(Config(train_iters=3, lr=0.1)), Config(iters=9, lr=0.5)
+    cfg = eval_config(Config, saved, cli, ["iters"])
     assert (cfg.iters, cfg.train_iters, cfg.lr) == (9, 3, 0.1)
+    with pytest.raises(SystemExit) as e:  # a saved config its own __post_init__ rejects
+        eval_config(Config, saved | {"train_iters": 101}, cli, ["iters"])
+    assert e.value.code == 2 and "invalid config" in capsys.readouterr().err
 
 
 def test_weights_that_do_not_fit_exit_2(capsys):

@@ -1,5 +1,6 @@
 """Every script end to end with tiny flags: the results.json contract, pictures, checkpoint, --ckpt, --resume,
-determinism, the compiled path and the command-line errors. A new experiment adds one row to SCRIPTS."""
+determinism, the compiled path, a checkpoint on SIGTERM and the command-line errors. A new experiment adds one row
+to SCRIPTS."""
 import dataclasses
 import importlib
 import json
@@ -111,6 +112,28 @@ def test_compiled_run_writes_a_plain_checkpoint(script, tmp_path, monkeypatch):
     monkeypatch.undo()
     run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"),
                  "--device", "cpu"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(script, tmp_path):
+    """`timeout` and batch schedulers stop a run with SIGTERM: the run must save its checkpoint and exit 130, as on
+    Ctrl-C. With the output piped the tqdm bar is off and every log step prints a line: the signal goes after one."""
+    args = SCRIPTS[script][0]
+    args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:], "--steps", "100000", "--eval_every", "1"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, f"{script}.py", *args, "--device", "cpu", "--out_dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

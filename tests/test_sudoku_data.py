@@ -161,6 +161,8 @@ GRID = "".join(str((3 * (r % 3) + r // 3 + c) % 9 + 1) for r in range(9) for c i
 @pytest.mark.parametrize("text, problem", [
     (f"{GOOD}\n123\n", "81 characters"),
     (f"{GOOD}\n{'1' * 80}x\n", "81 characters"),
+    (f"{GOOD}\n{'1' * 80}\u00b2\n", "81 characters"),  # a superscript two: str.isdigit() alone accepts it
+    (f"{GOOD},{GRID}\n{GOOD},{GRID[:80]}\u0661\n", "81 digits"),  # an Arabic-Indic one
     (f"{GOOD},{GRID}\n{GOOD},123\n", "81 digits"),
     (f"{GOOD},{GRID}\n{GOOD},{'1' * 81}\n", "not a valid grid"),
     (f"{GOOD},{GRID}\n{'2' + GOOD[1:]},{GRID}\n", "not a valid grid"),  # solution disagrees with a given
@@ -174,6 +176,15 @@ def test_malformed_files_exit_2_naming_the_line(tmp_path, capsys, text, problem)
         sd.read_puzzles(str(path))
     err = capsys.readouterr().err
     assert e.value.code == 2 and problem in err and f"{path}:2:" in err
+
+
+def test_truncated_xz_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "cut.txt.xz"
+    with open(sd.RRN_TEST, "rb") as f:
+        path.write_bytes(f.read(5000))
+    with pytest.raises(SystemExit) as e:
+        sd.read_puzzles(str(path))
+    assert e.value.code == 2 and str(path) in capsys.readouterr().err
 
 
 def test_user_file_with_dots_and_solutions(tmp_path):

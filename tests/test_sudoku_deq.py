@@ -64,6 +64,22 @@ def test_anderson_needs_fewer_iterations_than_plain(seed):
     assert n["anderson"] < 0.7 * n["plain"], n
 
 
+def test_anderson_mixes_in_fp32_under_bf16_autocast():
+    """Training solves under bf16 autocast on CUDA; the mixing's least-squares system must still be fp32, or its
+    rounding (not the map) limits the residual. The map itself runs in fp32 here, so 1e-5 is reachable."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 40)
+    w, x = 0.95 * w / torch.linalg.eigvals(w).abs().max(), 0.1 * torch.randn(4, 40)
+
+    def f(h):
+        with torch.autocast("cpu", enabled=False):
+            return torch.tanh(h.float() @ w + x)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 mixing: the residual stalls at 1e-3 to 1e-2
+        h, res = sq.solve(f, torch.zeros(4, 40), 500, "anderson", 5, tol=1e-5)
+    assert res[-1].max() < 1e-5 and h.dtype == torch.float32
+
+
 def test_spectral_radius_matches_eigenvalues():
     """Power iteration on v^T J recovers max |eigenvalue| of a linear map: one with a known dominant real
     eigenvalue 0.9, and a random non-normal one whose largest eigenvalues are a complex pair."""
