@@ -64,6 +64,11 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
       --stabiliser none (1,698 steps)            30.0% / 10.8%, cells 0.670 (radius 1.22)
     So at this scale the DEQ is far behind at equal wall-clock (the target is within 2 points): a step costs about
     twice the GNN's (adjoint solve, power iteration), and with the radius held at 0.8 it learns less per step too.
+    Tried and not kept (same flags, seed 0, steps fitted to the same budget): --rho_target 0.9 (820 steps) 1.0% /
+    0.3%, cells 0.641, but the radius then reads 0.98 on the training batch, no longer held under 1; the loss also
+    on 3 / 7 evenly spaced earlier solver states, each through one step of f with autograd (fixed-point correction,
+    Bai et al. 2022; 700 / 580 steps) 0.0% / 0.0%, cells 0.575 / 0.556; that with --stabiliser none (7 states,
+    915 steps) 22.0% / 6.7%, cells 0.645.
 """
 import math
 import os
