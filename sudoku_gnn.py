@@ -32,16 +32,17 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     python sudoku_gnn.py --device cpu --width 32 --msg_width 32 --min_givens 30 --train_iters 8 --iters 32 \\
         --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 20 \\
         --eval_every 250
-    CPU result (seeds 0 / 1, one thread each, 219 / 196 s of training on a shared 2-core machine; 20 test puzzles
-    per givens count): RRN test puzzles with 30-34 givens solved 95.0% / 97.0% at 32 iterations, all givens 53.3% /
-    53.3% (0% with 17 givens); at 128 iterations the overall rate is 3.1 / 2.2 points HIGHER, and at 256 it is
-    56.1% / 50.3%. The same runs with --settle 0: 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower
-    at 128, 39.2% / 0.0% at 256. Adaptive halting (seed 0) solves 53.6% using 21.4 iterations on average. CPU
-    results depend on the thread count (a 200-step run with 2 threads differs from the same run with 1), so an
-    earlier measurement of this command (98.0 / 94.0%, 55.0 / 52.5%) did not reproduce with one thread.
-    Tried and not kept (in that earlier measurement): Muon (grokking_mod97.py's optimiser: momentum 0.95, update
-    RMS 0.35 lr) on the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1%
-    overall, 30-34 givens 97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
+    CPU result (seeds 0 / 1, one thread each, 220 / 176 s of training on a shared 2-core x86 machine; 20 test
+    puzzles per givens count): RRN test puzzles with 30-34 givens solved 98.0% / 94.0% at 32 iterations, all givens
+    55.0% / 52.5% (0% with 17 givens); at 128 iterations the overall rate is 2.8 / 3.3 points HIGHER. Adaptive
+    halting solves 55.0% / 54.7% using 21.1 / 20.7 iterations on average. CPU results depend on the machine and
+    the thread count (a 200-step run with 2 threads differs from the same run with 1): on another machine of the
+    same kind, one thread, the same command gave 95.0% / 97.0% and 53.3% / 53.3% (3.1 / 2.2 points higher at 128
+    iterations, 56.1% / 50.3% at 256), and there --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 /
+    46.7 points lower at 128, 39.2% / 0.0% at 256.
+    Tried and not kept (on the first machine): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35
+    lr) on the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34
+    givens 97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
     Equal training wall-clock against sudoku_deq.py with these flags: see that script's docstring.
 """
 import math
