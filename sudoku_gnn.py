@@ -40,9 +40,10 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     same kind, one thread, the same command gave 95.0% / 97.0% and 53.3% / 53.3% (3.1 / 2.2 points higher at 128
     iterations, 56.1% / 50.3% at 256), and there --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 /
     46.7 points lower at 128, 39.2% / 0.0% at 256.
-    Tried and not kept (on the first machine): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35
-    lr) on the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34
-    givens 97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
+    Tried and not kept (beside an earlier run that gave the same AdamW numbers as the first ones above): Muon
+    (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on the three input-gate, message and GRU weight
+    matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0% (with --steps 750 it was ahead:
+    50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
     Equal training wall-clock against sudoku_deq.py with these flags: see that script's docstring.
 """
 import math
