@@ -168,6 +168,20 @@ def loss_fn(logits, sol):  # logits (T, B, 81, 9), sol (B, 81) 1..9: mean over i
     return F.cross_entropy(logits.float().flatten(0, 2), (sol - 1).expand(len(logits), -1, -1).flatten())
 
 
+def train_loss(model, quiz, sol, skip, cfg):
+    """The loss after each of cfg.train_iters iterations, from a state `skip` iterations deep, plus --settle."""
+    h = None
+    if skip:  # train from a state deep in the trajectory, so later iterations must stay correct
+        with torch.no_grad():
+            h = model(quiz, skip)[1]
+    logits, h = model(quiz, cfg.train_iters, h)  # (T, B, 81, 9)
+    loss = loss_fn(logits, sol)
+    if cfg.settle:  # one more iteration should leave the final state where it is: a fixed point
+        moved = model(quiz, 1, h)[1].float() - h.float()  # (B, 81, d)
+        loss = loss + cfg.settle * moved.pow(2).sum(-1).mean()
+    return loss
+
+
 # ---------------------------------------------------------------- evaluation
 
 def keeps_givens(quiz, grid):  # (B, 81) each -> (B,) bool
@@ -346,15 +360,7 @@ def main(cfg):
                 quiz, sol = sample_batch(pool_quiz, pool_sol, cfg.batch_size, data_gen, lo, cfg.max_givens)
                 skip = int(torch.randint(cfg.train_iters, (1,), generator=host_gen)) if cfg.progressive else 0
                 with autocast(device, dtype):
-                    h = None
-                    if skip:  # train from a state deep in the trajectory, so later iterations must stay correct
-                        with torch.no_grad():
-                            h = model(quiz, skip)[1]
-                    logits, h = model(quiz, cfg.train_iters, h)  # (T, B, 81, 9)
-                    loss = loss_fn(logits, sol)
-                    if cfg.settle:  # one more iteration should leave the final state where it is: a fixed point
-                        moved = model(quiz, 1, h)[1].float() - h.float()  # (B, 81, d)
-                        loss = loss + cfg.settle * moved.pow(2).sum(-1).mean()
+                    loss = train_loss(model, quiz, sol, skip, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

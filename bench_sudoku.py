@@ -1,0 +1,185 @@
+"""Training throughput and peak memory of the sudoku models, measured in one process on one device, as ratios.
+
+Machines are shared and absolute speeds drift, so every number here comes with a baseline timed in the same run:
+a naive recurrent relational network (Palm et al. 2018 as it is usually first written: a message MLP on the
+concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM update,
+the loss after every iteration), eager and compiled, against one training step of sudoku_gnn.py and of
+sudoku_deq.py at the same width and iterations. Each model runs --warmup untimed steps (torch.compile happens
+there), then --steps timed ones on batches from the training sampler; peak memory covers the timed steps only.
+Writes out/bench_sudoku/results.json with each model's puzzles/s, ms per step and peak GB, and the ratios the
+issues ask for: sudoku_gnn against the naive RRN (target >= 15k puzzles/s at width 96, 32 iterations), sudoku_deq's
+peak memory against sudoku_gnn's at the same batch (target <= 25%).
+
+    python bench_sudoku.py                              # CUDA: width 96, 32 iterations, batch 512 (naive 64 / 256)
+    python bench_sudoku.py --device cpu --width 32 --msg_width 32 --train_iters 8 --batch_size 32 --naive_batch 32
+GPU result: not yet measured.
+CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32; peak memory is measured on CUDA only): the
+second command gives the naive RRN 84 puzzles/s, sudoku_gnn 223 (2.64x) and sudoku_deq 119 (0.53x sudoku_gnn's);
+at width 96 and 32 iterations (`--device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4`) sudoku_gnn runs
+at 4.15x the naive RRN and sudoku_deq at 0.92x sudoku_gnn.
+"""
+import gc
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sudoku_deq
+import sudoku_gnn
+from common import (autocast, device_name, maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, set_seed,
+                    sync, write_results)
+from sudoku_data import peer_index, sample_batch, train_pool
+
+
+@dataclass
+class Config:
+    # models
+    width: int = 96  # node state size, all models
+    msg_width: int = 96  # hidden units of every message MLP
+    train_iters: int = 32  # iterations unrolled (naive, gnn) or solver iterations (deq) per training step
+    # batches
+    batch_size: int = 512  # sudoku_gnn and sudoku_deq (their default)
+    naive_batch: int = 64  # the naive RRN, eager
+    naive_compiled_batch: int = 256  # the naive RRN, compiled (CUDA only)
+    # timing
+    warmup: int = 10  # untimed steps per model first
+    steps: int = 30  # timed steps per model
+    seed: int = 0
+    # system
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+    out_dir: str = "out/bench_sudoku"
+
+    def __post_init__(self):
+        if min(self.msg_width, self.naive_batch, self.naive_compiled_batch) < 1 or self.warmup < 0:
+            raise ValueError("--msg_width, --naive_batch and --naive_compiled_batch must be >= 1, --warmup >= 0")
+
+
+class NaiveRRN(nn.Module):
+    """The baseline: every edge's message from the concatenated pair, no shared work between edges."""
+
+    def __init__(self, d, m):
+        super().__init__()
+        self.digit = nn.Embedding(10, d)
+        self.pos = nn.Parameter(torch.randn(81, d) * 0.1)
+        self.message = nn.Sequential(nn.Linear(2 * d, m), nn.ReLU(), nn.Linear(m, d))
+        self.lstm = nn.LSTMCell(2 * d, d)
+        self.head = nn.Linear(d, 9)
+        peers = peer_index()  # (81, 20)
+        self.register_buffer("src", peers.flatten(), persistent=False)  # (1620,) sender of each edge
+        self.register_buffer("dst", torch.arange(81).repeat_interleave(peers.shape[1]), persistent=False)
+
+    def messages(self, h):  # h (B, 81, d) -> (B, 81, d): each node's sum over its 20 peers
+        m = self.message(torch.cat([h[:, self.dst], h[:, self.src]], -1))  # (B, 1620, d)
+        return torch.zeros_like(h).index_add_(1, self.dst, m.to(h.dtype))
+
+    def step(self, h, c, x):  # one iteration on (B * 81, d) states
+        msg = self.messages(h.view(x.shape)).flatten(0, 1)
+        return self.lstm(torch.cat([x.flatten(0, 1), msg], -1), (h, c))
+
+    def forward(self, quiz, iters, step):  # step: self.step, or a compiled copy -> logits (iters, B, 81, 9)
+        x = self.digit(quiz) + self.pos  # (B, 81, d)
+        h = c = torch.zeros(x.shape[0] * 81, x.shape[-1], device=x.device)
+        logits = []
+        for _ in range(iters):
+            h, c = step(h, c, x)
+            logits.append(self.head(h).view(*quiz.shape, 9))
+        return torch.stack(logits)
+
+
+def measure(step, cfg, batch, device):
+    """Time cfg.steps calls of step() after cfg.warmup untimed ones. -> puzzles/s, ms per step, peak GB (CUDA)."""
+    for _ in range(cfg.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    for _ in range(cfg.steps):
+        step()
+    sync(device)
+    seconds = time.time() - t0
+    return {"batch": batch, "puzzles_per_s": cfg.steps * batch / seconds, "step_ms": 1000 * seconds / cfg.steps,
+            "peak_mem_gb": peak_mem_gb(device)}
+
+
+def trainer(model, loss_of, batch, pool, gen, device, dtype):
+    """-> a closure running one optimizer step of `model` on a fresh batch of 17-34-givens puzzles."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        quiz, sol = sample_batch(*pool, batch, gen, 17, 34)
+        with autocast(device, dtype):
+            loss = loss_of(quiz, sol)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    pool = tuple(torch.from_numpy(a).to(device) for a in train_pool())
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    shared = dict(width=cfg.width, msg_width=cfg.msg_width, train_iters=cfg.train_iters, batch_size=cfg.batch_size,
+                  compile=cfg.compile, device=cfg.device, dtype=cfg.dtype)
+    gnn_cfg, deq_cfg = sudoku_gnn.Config(**shared), sudoku_deq.Config(**shared)
+    host_gen = torch.Generator().manual_seed(cfg.seed)
+
+    def naive(batch, compiled):
+        model = NaiveRRN(cfg.width, cfg.msg_width).to(device)
+        fast_step = maybe_compile(model.step, compiled, device)
+        return trainer(model, lambda q, s: sudoku_gnn.loss_fn(model(q, cfg.train_iters, fast_step), s), batch, pool,
+                       gen, device, dtype)
+
+    def gnn():
+        model = sudoku_gnn.RRN(gnn_cfg).to(device)
+        model.cell.forward = maybe_compile(model.cell.forward, cfg.compile, device)  # as sudoku_gnn.py does
+        skip = lambda: int(torch.randint(cfg.train_iters, (1,), generator=host_gen))  # its progressive depth
+        return trainer(model, lambda q, s: sudoku_gnn.train_loss(model, q, s, skip(), gnn_cfg), cfg.batch_size,
+                       pool, gen, device, dtype)
+
+    def deq():
+        model = sudoku_deq.DEQ(deq_cfg).to(device)
+        fast_cell = maybe_compile(model.cell, cfg.compile, device)
+        return trainer(model, lambda q, s: sudoku_deq.train_loss(model, q, s, deq_cfg, gen, fast_cell)[0],
+                       cfg.batch_size, pool, gen, device, dtype)
+
+    arms = {"naive_eager": (lambda: naive(cfg.naive_batch, False), cfg.naive_batch),
+            "sudoku_gnn": (gnn, cfg.batch_size), "sudoku_deq": (deq, cfg.batch_size)}
+    if cfg.compile and device.type == "cuda":
+        arms["naive_compiled"] = (lambda: naive(cfg.naive_compiled_batch, True), cfg.naive_compiled_batch)
+    print(f"device {device_name(device)}, {dtype}, width {cfg.width}, {cfg.train_iters} iterations")
+    fmt = lambda v, unit="x": "n/a" if v is None else f"{v:.2f}{unit}"
+    models = {}
+    for name, (build, batch) in arms.items():
+        models[name] = m = measure(build(), cfg, batch, device)
+        print(f"{name:15s} batch {batch:4d}: {m['puzzles_per_s']:8.0f} puzzles/s, {m['step_ms']:7.1f} ms/step, "
+              f"peak memory {fmt(m['peak_mem_gb'], ' GB')}")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    speed = {k: v["puzzles_per_s"] for k, v in models.items()}
+    gnn_mem, deq_mem = models["sudoku_gnn"]["peak_mem_gb"], models["sudoku_deq"]["peak_mem_gb"]
+    ratios = {"gnn_vs_naive_eager": speed["sudoku_gnn"] / speed["naive_eager"],
+              "gnn_vs_naive_compiled": speed["sudoku_gnn"] / speed["naive_compiled"] if "naive_compiled" in speed
+              else None,
+              "deq_vs_gnn_speed": speed["sudoku_deq"] / speed["sudoku_gnn"],
+              "deq_vs_gnn_peak_mem": deq_mem / gnn_mem if gnn_mem else None}
+    results = {"script": "bench_sudoku", "config": asdict(cfg), "models": models, "ratios": ratios,
+               "device": device_name(device), "torch": str(torch.__version__), "seed": cfg.seed}
+    write_results(cfg.out_dir, results)
+    print(f"final: sudoku_gnn {speed['sudoku_gnn']:.0f} puzzles/s = {fmt(ratios['gnn_vs_naive_eager'])} naive eager, "
+          f"{fmt(ratios['gnn_vs_naive_compiled'])} naive compiled | sudoku_deq speed "
+          f"{fmt(ratios['deq_vs_gnn_speed'])}, peak memory {fmt(ratios['deq_vs_gnn_peak_mem'])} sudoku_gnn's")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
