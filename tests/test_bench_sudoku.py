@@ -45,14 +45,19 @@ def test_naive_rrn_learns_easy_puzzles():
     assert cells > 0.5, cells  # uniform guessing: 1/9
 
 
-def test_benchmark_writes_every_model_and_ratio(tmp_path):
+def test_a_failing_model_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """One model failing (out of memory, a compiler error) must not lose the others' numbers."""
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(bs.NaiveRRN, "step", broken)
     cfg = bs.Config(width=8, msg_width=8, train_iters=2, batch_size=4, naive_batch=4, warmup=1, steps=2,
                     device="cpu", out_dir=str(tmp_path))
     bs.main(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     models, ratios = results["models"], results["ratios"]
-    assert set(models) == {"naive_eager", "sudoku_gnn", "sudoku_deq"}  # the compiled baseline is CUDA only
-    assert all(m["puzzles_per_s"] > 0 and m["peak_mem_gb"] is None for m in models.values())
-    speed = {k: m["puzzles_per_s"] for k, m in models.items()}
-    assert abs(ratios["gnn_vs_naive_eager"] - speed["sudoku_gnn"] / speed["naive_eager"]) < 1e-9
-    assert ratios["gnn_vs_naive_compiled"] is None and ratios["deq_vs_gnn_peak_mem"] is None
+    assert list(models) == ["naive_eager", "sudoku_gnn", "sudoku_deq"]  # the compiled baseline is CUDA only
+    assert "out of memory" in models["naive_eager"]["error"]
+    for name in ("sudoku_gnn", "sudoku_deq"):
+        assert models[name]["puzzles_per_s"] > 0 and models[name]["peak_mem_gb"] is None, models[name]
+    assert ratios["gnn_vs_naive_eager"] is None and ratios["deq_vs_gnn_peak_mem"] is None
+    assert ratios["deq_vs_gnn_speed"] == models["sudoku_deq"]["puzzles_per_s"] / models["sudoku_gnn"]["puzzles_per_s"]
