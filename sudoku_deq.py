@@ -69,18 +69,18 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     on 3 / 7 evenly spaced earlier solver states, each through one step of f with autograd (fixed-point correction,
     Bai et al. 2022; 700 / 580 steps) 0.0% / 0.0%, cells 0.575 / 0.556; that with --stabiliser none (7 states,
     915 steps) 22.0% / 6.7%, cells 0.645.
-    Why the stabiliser costs so much here (a second machine, where sudoku_gnn solves 98.0% / 55.0%, the default 0.0% /
-    0.0%, none 40.0% / 12.8%): spectral_radius of sudoku_gnn's cell at its states after 32 iterations (64 test puzzles
-    a givens count) is 0.99 at 30 and 34 givens, where it solves 88-100%, and 1.02-1.11 (max 1.8) at 24 and 17; this
-    cell (with sudoku_gnn's normalised message sum) trained unrolled, loss after each of 8 iterations from h = 0,
-    1,500 steps at lr 1e-2, then solved with Anderson, reaches 89.0% / 43.9% at a radius of 1.17. What the unrolled
-    net learns here is barely attracting, and holding the radius at 0.8 rules it out. Not kept: that normalised sum in
-    f (default 0.0% / 0.0%, none 41.0% / 13.9%; stability study: the default's test cells 0.408 | 0.475, none's
-    0.644 | 0.600); 500 of 1,100 steps trained unrolled first (MDEQ's pre-training, Bai et al. 2020), then the default:
-    0.0% / 0.0%. A weaker penalty learns (820 steps): --stab_weight 1 --lr 1e-2 solves 49.0% / 16.4% | 52.0% / 16.1%
-    (seeds 0 | 1) at 32 iterations, 62% / 24.4% | 64% / 24.2% at 128, radius 1.02-1.05 on the training batch (held at 1,
-    not under it); --stab_weight 3 36.0% / 11.1% (1.00-1.01). At 3x the steps it did not collapse (radius 1.01-1.11,
-    training cells 0.75 -> 0.83): 76.0% / 26.4% | 69.0% / 24.2% at 32 iterations, 90% / 47.8% | 81% / 36.1% at 128.
+    Why the stabiliser costs so much (a second machine: sudoku_gnn 98.0%/55.0%, default 0.0%/0.0%, none 40.0%/12.8%):
+    spectral_radius of sudoku_gnn's cell at its states after 32 iterations (64 test puzzles a givens count) is 0.99 at
+    30 and 34 givens, where it solves 88-100%, and 1.02-1.11 (max 1.8) at 24 and 17; this cell (with sudoku_gnn's
+    normalised message sum) trained unrolled, loss after each of 8 iterations from h = 0, 1,500 steps at lr 1e-2, then
+    solved with Anderson, reaches 89.0%/43.9% at a radius of 1.17. What the unrolled net learns here is barely
+    attracting, and holding the radius at 0.8 rules it out. Not kept: that normalised sum in f (default 0.0%/0.0%,
+    none 41.0%/13.9%; stability study: the default's test cells 0.408 | 0.475, none's 0.644 | 0.600); 500 of 1,100 steps
+    trained unrolled first (MDEQ's pre-training, Bai et al. 2020), then the default: 0.0%/0.0%. A weaker penalty
+    learns (820 steps): --stab_weight 1 --lr 1e-2 solves 49.0%/16.4%, 52.0%/16.1%, 49.0%/15.6% (seeds 0-2) at 32
+    iterations and 62%/24.4%, 64%/24.2%, 58%/21.7% at 128, its radius 1.02-1.05 on the training batch (held at 1, not
+    under it); --stab_weight 3 36.0%/11.1% (1.00-1.01). At 3x the steps it did not collapse (radius 1.01-1.11):
+    76.0%/26.4%, 69.0%/24.2%, 65.0%/21.4% at 32 iterations, 90%/47.8%, 81%/36.1%, 81%/36.4% at 128.
 """
 import math
 import os
