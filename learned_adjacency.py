@@ -18,8 +18,7 @@ Reward credit: cell i's first-iteration prediction depends on its own sampled ne
 --reward_iters 1 the per-cell estimator is exactly unbiased for the gradient of the mean first-iteration reward;
 averaging over more iterations also credits cell i's draw with other cells' edges (a bias). It lets blank peers earn
 credit (at the first iteration only GIVEN neighbours carry information), and with the changes below in it learned as
-well on average, not better: --reward_iters 4 at the 4800-step CPU command (sampler reading the cells) gave top-K
-precision 0.932, 0.970, 0.874, 0.980 (seeds 0-3) against 0.971, 0.920, 0.988, 0.866.
+well on average, not better (--reward_iters 4, four seeds: README).
 
 Why it learns (the first version stayed at the uniform 25%): at uniform sampling a neighbour's digit says almost
 nothing (a random other cell holds cell i's digit with chance 8/80, any other digit 9/80), so the GNN's use of
@@ -50,21 +49,24 @@ fixed weight that holds it up from the start is too strong early (1e-1: the draw
 so the weight is a floor: while the draws' entropy is below --entropy_target (2 nats), log(weight) grows by 0.01 per
 step per nat short, never below --entropy. It engages near step 1100, once the head is mostly right (weight 0.03 ->
 0.13 by step 2400, entropy held at 2.0), and sampled and top-K precision part (0.89 vs 0.92 at the end): the draws
-keep trying cells outside the top K. The sampler's lr no longer decays either (--sampler_decay restores it: screens
-below).
+keep trying cells outside the top K. The sampler's lr no longer decays either (--sampler_decay restores it: README).
 
-Why the sampler reads positions only (4800 CPU steps, below). Reading the cell tokens (digit + position,
---sampler_reads cells), two seeds in four reached 97-99% and two stopped at 87-92%, and those two runs' graphs
-depended on the puzzle: the top 20 of p averaged over 64 validation puzzles was 94-95% right, each puzzle's own
-top 20 only 87-88%, with errors from rank 4 on; the healthy runs showed no such gap (0.972 vs 0.971, seed 0).
-The sudoku graph is the same for every puzzle, so the transformer now reads the 81 position embeddings alone (one
-table per step for the whole batch) and all four seeds reach 96-98%. With digits, cutting just the head's path
-through the transformer (positions alone left) had lifted seeds 3 / 1 to 0.952 / 0.944.
+Why the sampler reads positions only: reading the cell tokens (digit + position, --sampler_reads cells), two seeds
+in four stopped at 87-92% with graphs that depended on the puzzle (each puzzle's own top 20 87-88% right, their
+average over 64 puzzles 94-95%). The sudoku graph is the same for every puzzle, so the transformer reads the 81
+position embeddings alone (one table per step for the whole batch), and all four seeds reach 96-98%.
 
-Reported: solved rate on the RRN test after every iteration 1..--iters (sampled or top-K test graph), adjacency
-precision/recall over training (uniform sampling: 25%), validation puzzles topped up to the training givens, and the
-variance of the sampler's gradient estimate under each baseline, measured on the same graph draws of a fixed
-validation batch (adjacency.png, results.json).
+Why it solves few puzzles at CPU scale: that needs a graph right for EVERY cell. With the true 20 peers in place of
+every draw (a diagnostic) this GNN solves as much of the RRN test as sudoku_gnn without its position embedding,
+progressive loss and settle penalty (19% after 8 iterations at the CPU flags below); trained on learned graphs of
+96.5% top-K precision (28 of 81 cells with a wrong neighbour) it solves none, even given the true graph at test:
+it has learned to read a neighbour's digit as soft evidence. Trained longer (8000 steps, seed 1) the graph reached
+99.9% and it solved 11.7% after 8 iterations, then 0% by 32 (no progressive loss here: README). --gnn_graph topk
+trains the GNN on each puzzle's top-K graph and the draws only score the sampler (reward_iters iterations, no
+gradient): 1.7x faster steps here, ~3.5x less GNN work at the headline, the graph learned no faster per step.
+
+Reported (adjacency.png, results.json): solved rate on the RRN test after every iteration 1..--iters, adjacency
+precision/recall over training (uniform: 25%), and the sampler-gradient variance under each baseline.
 
 Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
     python learned_adjacency.py --iters 64
@@ -73,19 +75,9 @@ CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
         --max_givens 50 --curriculum 0 --train_iters 4 --iters 8 --steps 4800 --batch_size 16 --warmup 20 \\
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-    CPU result (one thread of a shared 2-core machine, 2-3 runs at a time; 873, 845, 835, 764 s of training),
-    seeds 0-3: top-K test graph precision (= recall at K = 20) 0.965, 0.977, 0.977, 0.982 (--sampler_reads
-    cells: 0.971, 0.920, 0.988, 0.866); top-K validation graphs every 400 steps 0.45, 0.72, 0.81, 0.85, 0.88,
-    0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.97 (seed 0, assets/learned_adjacency_cpu.png). Sampler-gradient
-    variance at the end (seed 0): none 0.100, ema 0.075, rloo 0.035. RRN test (17-34 givens, 10 per count, all
-    harder than the training puzzles): seeds 1 / 3 solve 1.7 / 3.3% after 8 iterations, none after 4 =
-    train_iters; seed 3's checkpoint with --iters 32 --n_test 50: 0.1% after 4, 3.6% after 8, at most 4.1% (10
-    iterations; 28% of the 34-givens puzzles), 0.7% after 32. sudoku_gnn's --settle penalty at weight 0.03 / 0.1
-    / 0.3 (seed 3): top-K 0.928 / 0.948 / 0.964, at most 0.0 / 0.1 / 0.4% solved in 32 iterations: not kept.
-    Screens not kept, sampler reading the cells, seeds 0 / 1: --steps 2400, 0.924 / 0.937; --sampler_decay,
-    0.945 / 0.785 at step 3200 of 4800 (stopped there; the constant lr had 0.954 / 0.892); a symmetric head (the
-    i -> j and j -> i logits averaged), 0.943 / 0.898 with --steps 2400; the bonus on the first draw only (seed 0,
-    2400 steps) 0.852 at weight 3e-2.
+    CPU result (one thread of a shared 2-core machine; 764-873 s of training), seeds 0-3: top-K test graph
+    precision (= recall at K = 20) 0.965, 0.977, 0.977, 0.982; sampler-gradient variance (seed 0) none 0.100, ema
+    0.075, rloo 0.035; RRN test at most 3.3% solved after 8 iterations. Every run: README, "learned_adjacency.py".
 """
 import math
 import os
@@ -134,6 +126,7 @@ class Config:
     entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # per-cell reward: -(cell i's cross-entropy), mean over the first this-many iterations
+    gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk")})  # graphs the GNN's loss uses
     seed: int = 0
     # evaluation
     iters: int = 64  # maximum GNN iterations at test; the solved rate is reported after every one
@@ -310,15 +303,22 @@ def cell_losses(logits, sol):  # logits (T, B, 81, 9), sol (B, 81) 1..9 -> cross
 
 def draw_graphs(model, quiz, sol, cfg, gen):
     """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), and the
-    entropy of the draws."""
+    entropy of the draws. With --gnn_graph topk the draws only score the sampler (reward_iters iterations, no
+    gradient) and the GNN's loss is taken on each puzzle's top-K graph."""
     logp = model.sampler(quiz)  # (B, 81, 81)
     G = cfg.n_graphs
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
     logq = ordered_log_prob(logp.expand(G, -1, -1, -1), nbrs)  # (G, B, 81)
-    logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.train_iters)  # (T, G*B, 81, 9)
-    ce = cell_losses(logits, sol.repeat(G, 1))  # (T, G*B, 81)
     entropy = draw_entropy(logp.expand(G, -1, -1, -1), nbrs)
-    return ce.mean(), logq, -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape), entropy
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.gnn_graph == "sampled"):
+        iters = cfg.train_iters if cfg.gnn_graph == "sampled" else cfg.reward_iters
+        logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), iters)  # (T, G*B, 81, 9)
+        ce = cell_losses(logits, sol.repeat(G, 1))  # (T, G*B, 81)
+    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)
+    if cfg.gnn_graph == "sampled":
+        return ce.mean(), logq, reward, entropy
+    logits, _ = model.gnn(quiz, logp.detach().topk(cfg.k, -1).indices, cfg.train_iters)  # (T, B, 81, 9)
+    return cell_losses(logits, sol).mean(), logq, reward, entropy
 
 
 # ---------------------------------------------------------------- metrics

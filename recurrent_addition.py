@@ -28,7 +28,7 @@ Headline (trained <=20 digits, tested 20..1,000 digits; --ckpt evaluates a check
     python recurrent_addition.py
 GPU result: not yet measured.
 CPU-scale version (train <=6 digits, test 8-32 digits; 1 thread of a shared 2-core machine, seed 0):
-    python recurrent_addition.py --device cpu --train_digits 6 --test_digits 8,16,32 --width 64 --window 1 \
+    python recurrent_addition.py --device cpu --train_digits 6 --test_digits 8,16,32 --width 64 --window 1 \\
         --train_iters 12 --iters 96 --steps 2000 --batch_size 64 --n_test 200 --lr 2e-3 --eval_every 100
     CPU result: exact match 1.000 at 8, 16 and 32 digits (200 examples each, half long-carry), reached after
     10, 17 and 35 iterations, still 1.000 at iteration 96 (past 4x the need at 8 and 16 digits); 257 s of
@@ -42,7 +42,7 @@ CPU-scale version (train <=6 digits, test 8-32 digits; 1 thread of a shared 2-co
     --model feedforward 0.985 / 0.890 / 0.835 at 8 / 16 / 32 digits (flat after its 12 blocks);
     --no-recall peaks at 0.375 / 0.115 / 0.040 near iteration 16 and falls to 0.000 by 96 (it overthinks).
 CPU, trained on <=20 digits like the headline (the headline's model at width 64, 2,000 steps of batch 64):
-    python recurrent_addition.py --device cpu --train_digits 20 --test_digits 20,50,100 --width 64 --window 1 \
+    python recurrent_addition.py --device cpu --train_digits 20 --test_digits 20,50,100 --width 64 --window 1 \\
         --train_iters 24 --iters 200 --steps 2000 --batch_size 64 --n_test 200 --lr 2e-3 --eval_every 200
     CPU result (seed 0, 672 s of training): exact match 1.000 at 20, 50 and 100 digits, needing 19, 50 and 95
     iterations; --test_digits 100,200 --iters 800: 1.000 at 200 digits (191 needed) and 1.000 at 4x the need at

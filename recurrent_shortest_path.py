@@ -26,39 +26,18 @@ model on both CPU seeds below (deep: -3.6 and -0.8 points, within noise) and lif
 
 CPU (one thread on a shared 2-core machine; every arm trained with the same --flop_budget F, seeds 0-2). Plane map,
 300 cities -> 287 in the largest component, longest path 26 hops:
-  OMP_NUM_THREADS=1 python recurrent_shortest_path.py --map plane --n_cities 300 --max_hops 32 --width 64 \
-      --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget F \
+  OMP_NUM_THREADS=1 python recurrent_shortest_path.py --map plane --n_cities 300 --max_hops 32 --width 64 \\
+      --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget F \\
       --seed S [--arch deep|wide]
-  reach within 5% of optimal, median of 3 seeds, held-out sources / held-out pairs (recurrent: k = 8, and in
-  brackets k = 4 = train_iters; deep = 6 blocks of width 64, wide = 3 blocks of width 96):
-    F = 2.64e12 (474 / 552 / 493 steps): recurrent 0.500 (0.500) / 0.542, deep 0.533 / 0.625, wide 0.746 / 0.875
-    F = 5.27e12 (949 / 1,104 / 986):     recurrent 0.768 (0.797) / 0.917, deep 0.804 / 0.947, wide 0.880 / 0.977
-    F = 1.05e13 (1,898 / 2,209 / 1,972): recurrent 0.822 (0.841) / 0.973, deep 0.790 / 0.985, wide 0.906 / 0.989
-  The wide model wins at every budget and seed on held-out sources (0.84-0.92 at the two larger budgets), makes
-  the fewest invalid hops (median 0.997 valid at 5.27e12, recurrent 0.986, deep 0.976) and trains in about a
-  quarter less wall-clock. The recurrent model's embeddings give the best probe (median R^2 0.906 / 0.920 / 0.933
-  at the three budgets; wide 0.896 / 0.914 / 0.915, deep 0.852 / 0.875 / 0.904), but its accuracy falls from
-  k = 4 to k = 8 in 8 of 9 runs (the ninth is level).
-  A wider recurrent arm (--width 96 --n_layers 1 --train_iters 2: 919 steps at 5.27e12, seeds 0-2) is best
-  after one or two iterations (0.855 / 0.862 / 0.859, close to wide) and loses more with every extra one:
-  0.761 / 0.736 / 0.685 at k = 8 (seed 0 at 1.05e13: 0.851 at k = 1, 0.670 at k = 8).
-  Neighbour queries at F = 5.27e12, seed 0: without them 0.554 recurrent vs 0.583 deep; neighbour_frac 1 (seeds
-  0 / 1) 0.775 / 0.746 vs 0.804 / 0.812. A progressive loss (the tied block first applied 0..train_iters-1 times
-  without gradient, FLOPs counted: 889 steps) gave 0.768 / 0.783 on sources, as flat in k: not kept.
-Long paths: --n_cities 500 --degree 6 --max_hops 40 --iters 16 --eval_every 1000 --flop_budget 2e13 (442 cities,
-longest path 36 hops; 2,649 / 3,288 / 2,924 steps, 7 / 7 / 5 min), seeds 0 / 1, held-out sources of >= 30 hops
-within 5%: recurrent 0.80 / 0.84 at k = 16 (0.81 / 0.84 at k = 4; 100 pairs each), deep 0.87 / 0.90, wide
-0.84 / 0.82; all lengths 0.743 / 0.768 (peak 0.812 / 0.815 at k = 2 / 7), 0.870 / 0.873, 0.850 / 0.833; held-out
-pairs 0.950 / 0.950, 0.993 / 0.990, 0.993 / 0.985. So at these scales extra iterations do not buy accuracy, on
-long paths either: the hard part is the first hop from a start city never trained on, which is map knowledge that
-more parameters hold and more iterations do not create (assets/recurrent_shortest_path_cpu.png: recurrent,
-F = 5.27e12, seed 0; assets/recurrent_shortest_path_cpu_long.png: long paths, recurrent, seed 0).
-US map at CPU scale (the headline's map; --width 64 --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every
-500 --flop_budget 4e13): wide (2,586 steps, 749 / 735 s) 0.745 / 0.765 of held-out start cities and 0.875 /
-0.890 of held-out pairs within 5% (seeds 0 / 1), 0.87 / 0.89 at >= 30 hops, valid hops 0.957 / 0.947, probe R^2
-0.883 / 0.882; deep (3,103 steps, 946 s, seed 0) 0.735, pairs 0.853, >= 30 hops 0.86, probe 0.789; recurrent
-(1,641 steps, 1,140 s, seed 0) 0.333 at k = 8 (0.350 at k = 4), pairs 0.412, >= 30 hops 0.40 (0.49 at k = 3),
-valid hops 0.966, probe 0.768.
+  Held-out start cities reached within 5% of optimal, median of 3 seeds, at F = 5.27e12 (949 / 1,104 / 986
+  steps): recurrent 0.768 at k = 8 (0.797 at k = 4 = train_iters), deep (6 blocks) 0.804, wide (3 blocks of
+  width 96) 0.880. The wide model wins at every one of three budgets and every seed; the recurrent model's
+  embeddings give the best probe (R^2 0.92 at 5.27e12), but its accuracy falls from k = 4 to k = 8 in 8 of 9
+  runs, and on a map with paths of up to 36 hops its >= 30-hop paths are no better at k = 16 than at k = 4 and
+  behind deep. At these scales the hard part is the first hop from a start city never trained on: map knowledge
+  that more parameters hold and more iterations do not create. Every run (FLOP-matched table, long paths, US map,
+  screens): README, "recurrent_shortest_path.py"; assets/recurrent_shortest_path_cpu.png (recurrent, F = 5.27e12,
+  seed 0) and assets/recurrent_shortest_path_cpu_long.png (long paths, recurrent, seed 0).
 """
 import csv
 import math

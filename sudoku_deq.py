@@ -35,52 +35,17 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     python sudoku_deq.py --device cpu --width 32 --msg_width 32 --min_givens 34 --max_givens 45 --train_iters 12 \\
         --iters 24 --steps 400 --batch_size 32 --lr 3e-3 --warmup 30 --n_test 20 --eval_every 50 \\
         --seed S [--stabiliser X]
-    python sudoku_deq.py --device cpu --ckpt out/sudoku_deq/ckpt.pt --iters 64 --n_test 20  # more iterations
-    CPU result (CPU, shared), seed 0 | seed 1, default (spectral, 20 power steps, target 0.8) vs none: spectral
-    radius at h* on the training batch (mean over 64 puzzles at steps 50-400, max in brackets) 0.80-0.85 (0.89) |
-    0.81-0.85 (0.90) vs 1.07-1.16 (1.28) | 1.05-1.08 (1.14); relative residual after 12 solver iterations at step
-    400 0.004 | 0.003 vs 0.032 | 0.019; blank cells right on the training batch 0.75 | 0.79 vs 0.59 | 0.55; on
-    the RRN test (17-34 givens, 20 each) after 24 and 64 iterations 0.519, 0.519 | 0.528, 0.528 vs 0.338, 0.276 |
-    0.326, 0.269 (none peaks at 0.38 after 9-10 iterations, then loses cells; the default gives back at most
-    0.11 percentage points after its best). Train time 193 | 215 s vs 88 | 132 s. The earlier default (5 power
-    steps, target 0.9): radius 1.01-1.03 (1.08) | 1.00-1.03 (1.07), residual 0.011 | 0.010, test cells 0.505,
-    0.501 | 0.511, 0.519, 124 | 165 s; 10 power steps: radius 0.84-0.91 (0.97) | 0.83-0.89 (0.93), test cells
-    0.558 | 0.515 after 24, 197 | 276 s; --stabiliser jacobian --stab_weight 1 (seed 0): radius 0.93-1.03
-    (1.12), residual 0.011, training batch cells 0.78. At 3x the steps (--steps 1200 --eval_every 100, seeds 0 |
-    1 | 2, 514 | 287 | 288 s) the default did not collapse: radius 0.83-0.85 (0.94) | 0.83-0.85 (0.95) |
-    0.83-0.85 (0.92) at every logged step, no recoveries, training batch cells best 0.89 | 0.90 | 0.90 (one batch
-    of 32: +-0.03 between logs), test cells 0.599 | 0.608 | 0.603 after 24 iterations, up at every iteration (with
-    10 power steps the max reached 1.00 at step 1100). The radius is held only where the penalty is applied: on
-    the 17-givens test puzzles, far from the 34-45 givens trained on, it is 1.00 (1.48) | 1.01 (1.34) | 1.08
-    (1.46) after those runs. No RRN test puzzle is solved at this scale.
-    Equal training wall-clock against sudoku_gnn.py's CPU command (its flags, --min_givens 30 --curriculum 0.3
-    --train_iters 8 --iters 32 --n_test 20, width 32, batch 32; seed 0, one thread each, two runs sharing the
-    machine; the GNN trained 1,500 steps in 213 s, each DEQ arm for the steps its measured speed fits in 213 s):
-    RRN test solved at 30-34 givens / all, blank cells right, at 32 iterations:
-      sudoku_gnn (lr 1e-2, 1,500 steps)          95.0% / 53.3%
-      default (spectral, lr 3e-3, 820 steps)     0.0% / 0.0%, cells 0.595
-      --lr 1e-2 (838 steps)                      0.0% / 0.0%, cells 0.644
-      --backward phantom (872 steps)             0.0% / 0.0%, cells 0.587
-      --stabiliser none (1,698 steps)            30.0% / 10.8%, cells 0.670 (radius 1.22)
-    So at this scale the DEQ is far behind at equal wall-clock (the target is within 2 points): a step costs about
-    twice the GNN's (adjoint solve, power iteration), and with the radius held at 0.8 it learns less per step too.
-    Tried and not kept (same flags, seed 0, steps fitted to the same budget): --rho_target 0.9 (820 steps) 1.0% /
-    0.3%, cells 0.641, but the radius then reads 0.98 on the training batch, no longer held under 1; the loss also
-    on 3 / 7 evenly spaced earlier solver states, each through one step of f with autograd (fixed-point correction,
-    Bai et al. 2022; 700 / 580 steps) 0.0% / 0.0%, cells 0.575 / 0.556; that with --stabiliser none (7 states,
-    915 steps) 22.0% / 6.7%, cells 0.645.
-    Why the stabiliser costs so much (a second machine: sudoku_gnn 98.0%/55.0%, default 0.0%/0.0%, none 40.0%/12.8%):
-    spectral_radius of sudoku_gnn's cell at its states after 32 iterations (64 test puzzles a givens count) is 0.99 at
-    30 and 34 givens, where it solves 88-100%, and 1.02-1.11 (max 1.8) at 24 and 17; this cell (with sudoku_gnn's
-    normalised message sum) trained unrolled, loss after each of 8 iterations from h = 0, 1,500 steps at lr 1e-2, then
-    solved with Anderson, reaches 89.0%/43.9% at a radius of 1.17. What the unrolled net learns here is barely
-    attracting, and holding the radius at 0.8 rules it out. Not kept: that normalised sum in f (default 0.0%/0.0%,
-    none 41.0%/13.9%; stability study: the default's test cells 0.408 | 0.475, none's 0.644 | 0.600); 500 of 1,100 steps
-    trained unrolled first (MDEQ's pre-training, Bai et al. 2020), then the default: 0.0%/0.0%. A weaker penalty
-    learns (820 steps): --stab_weight 1 --lr 1e-2 solves 49.0%/16.4%, 52.0%/16.1%, 49.0%/15.6% (seeds 0-2) at 32
-    iterations and 62%/24.4%, 64%/24.2%, 58%/21.7% at 128, its radius 1.02-1.05 on the training batch (held at 1, not
-    under it); --stab_weight 3 36.0%/11.1% (1.00-1.01). At 3x the steps it did not collapse (radius 1.01-1.11):
-    76.0%/26.4%, 69.0%/24.2%, 65.0%/21.4% at 32 iterations, 90%/47.8%, 81%/36.1%, 81%/36.4% at 128.
+    CPU result (shared 2-core machine): the default holds the spectral radius on the training batch at 0.80-0.85
+    (max 0.89 / 0.90), --stabiliser none lets it reach 1.05-1.16; blank cells right on the RRN test after 24 and
+    64 iterations 51.9%, 51.9% / 52.8%, 52.8% vs 33.8%, 27.6% / 32.6%, 26.9% (without the stabiliser more
+    iterations lose cells). At 3x the steps, seeds 0-2: no collapse, radius <= 0.95 at every logged step. No RRN
+    test puzzle is solved at this scale.
+    At sudoku_gnn's CPU flags and its training wall-clock the default solves nothing (0.0% where the GNN solves
+    98.0% of 30-34 givens and 55.0% of all); --stab_weight 1 --lr 1e-2 solves 49-52% / 16% (3 seeds) with the
+    radius at 1.02-1.05, held at 1 rather than under it. Why: sudoku_gnn's own solutions sit at spectral radius
+    0.99 where it solves them and above 1 on harder puzzles, and this cell trained unrolled, then solved as a DEQ,
+    reaches 89.0% / 43.9% at radius 1.17: what the unrolled net learns at this scale is barely attracting, and
+    holding the radius at 0.8 rules it out. Every run, ablation and not-kept idea: README, "sudoku_deq.py".
 """
 import math
 import os

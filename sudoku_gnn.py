@@ -44,7 +44,7 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on the three input-gate, message and GRU weight
     matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0% (with --steps 750 it was ahead:
     50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
-    Equal training wall-clock against sudoku_deq.py with these flags: see that script's docstring.
+    Equal training wall-clock against sudoku_deq.py with these flags: README, "sudoku_deq.py".
 """
 import math
 import os

@@ -140,6 +140,30 @@ def test_gnn_reads_only_the_sampled_neighbours():
             assert torch.equal(moved, expected), cell
 
 
+def test_gnn_graph_topk_moves_only_the_gnn_loss():
+    """--gnn_graph topk: the sampler's draws, log-probabilities, reward and entropy are those of the default mode
+    (same generator state), and the GNN's loss and its gradient are those of the GNN run on the top-K graph."""
+    torch.manual_seed(0)
+    cfg = la.Config(width=16, msg_width=16, sampler_width=16, train_iters=3, reward_iters=2)
+    model = la.Model(cfg)
+    torch.nn.init.normal_(model.sampler.qk.weight)  # a non-uniform p, so top-K and the draws differ
+    quiz, sol = torch.randint(10, (3, 81)), torch.randint(1, 10, (3, 81))
+    gnn = list(model.gnn.parameters())
+    out = {}
+    for mode in ("sampled", "topk"):
+        loss, logq, reward, entropy = la.draw_graphs(model, quiz, sol, la.replace(cfg, gnn_graph=mode),
+                                                     torch.Generator().manual_seed(1))
+        out[mode] = loss, logq, reward, entropy, torch.autograd.grad(loss, gnn)
+    for a, b in zip(out["sampled"][1:4], out["topk"][1:4]):
+        assert torch.allclose(a, b)
+    topk = model.sampler(quiz).topk(cfg.k, -1).indices
+    expected = la.cell_losses(model.gnn(quiz, topk, cfg.train_iters)[0], sol).mean()
+    assert torch.allclose(out["topk"][0], expected)
+    for got, want in zip(out["topk"][4], torch.autograd.grad(expected, gnn)):
+        assert torch.allclose(got, want, atol=1e-7)
+    assert not torch.allclose(out["sampled"][0], out["topk"][0])
+
+
 @pytest.mark.parametrize("reads", ["positions", "cells"])
 def test_sampler_reads_the_digits_only_when_asked(reads):
     """--sampler_reads positions gives every puzzle the same p(j | i), even with the head's path through the
