@@ -310,12 +310,12 @@ def draw_graphs(model, quiz, sol, cfg, gen):
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
     logq = ordered_log_prob(logp.expand(G, -1, -1, -1), nbrs)  # (G, B, 81)
     entropy = draw_entropy(logp.expand(G, -1, -1, -1), nbrs)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.gnn_graph == "sampled"):
-        iters = cfg.train_iters if cfg.gnn_graph == "sampled" else cfg.reward_iters
-        logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), iters)  # (T, G*B, 81, 9)
+    sampled = cfg.gnn_graph == "sampled"
+    with torch.set_grad_enabled(sampled and torch.is_grad_enabled()):  # topk: the draws only score the sampler
+        logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.train_iters if sampled else cfg.reward_iters)
         ce = cell_losses(logits, sol.repeat(G, 1))  # (T, G*B, 81)
     reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)
-    if cfg.gnn_graph == "sampled":
+    if sampled:
         return ce.mean(), logq, reward, entropy
     logits, _ = model.gnn(quiz, logp.detach().topk(cfg.k, -1).indices, cfg.train_iters)  # (T, B, 81, 9)
     return cell_losses(logits, sol).mean(), logq, reward, entropy
