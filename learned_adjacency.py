@@ -2,82 +2,47 @@
 
 sudoku_gnn.py hand-codes the graph (each cell talks to its 20 row/column/box peers). Here the model sees only the 81
 cell tokens (digit embedding + learned position) and must find the graph itself. A small transformer over the 81
-position tokens (the digits go to the GNN: see "Why the sampler reads positions only") gives, from its top attention
-head, for every cell i probabilities p(j | i) over the 80 other cells; K neighbours per cell are SAMPLED without
-replacement (Gumbel-top-k) and handed to a recurrent GNN of sudoku_gnn's family (loss after every iteration, so it
-can run longer at test time). Sampling is not differentiable, so the sampler learns from the surrogate loss of
-stochastic computation graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i), with a PER-CELL reward
-r_i = -(cell i's cross-entropy after the FIRST iteration), a baseline b_i (none | EMA per cell | RLOO = mean reward
-of the other graphs drawn for the same puzzle) and an entropy bonus on each of the K draws (below). q(S_i) is the
-probability of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set
-keeps the estimator unbiased (the set's gradient is the expectation of the ordered one given the set). Adjacency
-precision/recall against the true peers is a metric only: the row/column/box structure appears nowhere in the model,
-the data or the loss.
+position tokens (the digits go to the GNN: see "Why it learns") gives, from its top attention head, for every cell i
+probabilities p(j | i) over the 80 other cells; K neighbours per cell are SAMPLED without replacement (Gumbel-top-k)
+and handed to a recurrent GNN of sudoku_gnn's family (loss after every iteration, so it can run longer at test
+time). Sampling is not differentiable, so the sampler learns from the surrogate loss of stochastic computation
+graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i), with a PER-CELL reward r_i = -(cell i's
+cross-entropy after the FIRST iteration: it depends on cell i's own draw alone, so the per-cell estimator is
+unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other graphs drawn for the same puzzle)
+and an entropy bonus on each of the K draws (below). q(S_i) is the probability of the ORDERED draw: sum_t [log
+p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the estimator unbiased (the set's gradient
+is the expectation of the ordered one given the set). Adjacency precision/recall against the true peers is a metric
+only: the row/column/box structure appears nowhere in the model, the data or the loss.
 
-Reward credit: cell i's first-iteration prediction depends on its own sampled neighbours and nothing else, so with
---reward_iters 1 the per-cell estimator is exactly unbiased for the gradient of the mean first-iteration reward;
-averaging over more iterations also credits cell i's draw with other cells' edges (a bias). It lets blank peers earn
-credit (at the first iteration only GIVEN neighbours carry information), and with the changes below in it learned as
-well on average, not better (--reward_iters 4, four seeds: README).
+Why it learns: at uniform sampling a neighbour's digit says almost nothing (a random other cell holds cell i's digit
+with chance 8/80, any other digit 9/80), so the GNN's use of edges, and with it the sampler's signal, starts near
+zero. To shorten that start the head reads the (unit-scale) position embeddings directly, beside its path through
+the transformer (which starts at zero), the mean message is layer-normalised, and the GNN has no position embedding,
+so an edge is worth exactly what the sampler made it. The entropy bonus is the mean entropy of the K conditionals
+the draw picked from (draw t: p renormalised over the cells not yet drawn); on p(j | i) alone it sees only the first
+draw, and p collapsed at 68%. Its weight is a floor: while the draws' entropy is below --entropy_target (2 nats; 20
+equal peers in any order: ln(20!)/20 = 2.12) log(weight) grows by 0.01 per step per nat short. The sampler reads the
+81 positions only (one table per step for the whole batch), as the sudoku graph is the same for every puzzle. Every
+run behind these choices: README.
 
-Why it learns (the first version stayed at the uniform 25%): at uniform sampling a neighbour's digit says almost
-nothing (a random other cell holds cell i's digit with chance 8/80, any other digit 9/80), so the GNN's use of
-edges, and with it the sampler's signal, starts near zero and only grows with precision. Three things shorten that
-start: the head reads the position embeddings directly, beside its path through the transformer, which starts at
-zero, the position embeddings are unit-scale (the logits are bilinear in them), and the mean message is
-layer-normalised. The GNN gets no position embedding: it cannot tell a sampled peer from a non-peer by where it
-sits, so an edge is worth exactly what the sampler made it.
-
-Why it levelled off at 68% (measured, like the next paragraph, with the sampler reading the cells; entropy bonus on
-p(j | i) itself, weight 3e-3): p collapsed before it was right. At step 1200 of the CPU run (seed 0) its entropy was
-0.45 nats (20 equal peers: log 20 = 3.0), the logits spanned 69 nats, two independent draws gave a cell the same
-20-set 41% of the time, and even the first draw, the cell the head was surest of, was a true peer only 69% of the
-time. The wrong cells were random non-peers (79% outside the cell's band and stack, where 60% of non-peers are), not
-a missed peer type (top-K recall: row 0.63, column 0.67, box 0.63). A wrong cell that every draw picks gets a zero
-RLOO advantage and a peer that no draw picks gets no gradient, so nothing corrects either. The entropy of p is the
-entropy of the FIRST draw only: it cannot see the tail the later draws pick from. The bonus is now the mean entropy
-of the K conditionals the draw actually picked from (draw t: p renormalised over the cells not drawn before it), at
-weight 3e-2: the last draws stay exploratory and precision keeps rising (numbers below). Not kept: normalising the
-advantages (faster start, lower at 1200 steps), cosine logits at a fixed scale of 10 (slower start, same at 1200
-steps). With the advantages unnormalised, Adam divides their overall scale out, but their ratio to the entropy bonus
-is what sets how much the draws explore.
-
-Why it then stopped near 90% (0.897 seed 0, 0.849 seed 1): the draws collapsed again, later. At step 2400 (seed 0)
-the first 13 draws were 95-99% true peers but the last four 82, 74, 58, 33%, two draws of a cell repeated the same
-set 31% of the time, and the draws' mean entropy was 1.28 nats (20 equal peers in any order: ln(20!)/20 = 2.12). A
-fixed weight that holds it up from the start is too strong early (1e-1: the draws stayed uniform through step 800),
-so the weight is a floor: while the draws' entropy is below --entropy_target (2 nats), log(weight) grows by 0.01 per
-step per nat short, never below --entropy. It engages near step 1100, once the head is mostly right (weight 0.03 ->
-0.13 by step 2400, entropy held at 2.0), and sampled and top-K precision part (0.89 vs 0.92 at the end): the draws
-keep trying cells outside the top K. The sampler's lr no longer decays either (--sampler_decay restores it: README).
-
-Why the sampler reads positions only: reading the cell tokens (digit + position, --sampler_reads cells), two seeds
-in four stopped at 87-92% with graphs that depended on the puzzle (each puzzle's own top 20 87-88% right, their
-average over 64 puzzles 94-95%). The sudoku graph is the same for every puzzle, so the transformer reads the 81
-position embeddings alone (one table per step for the whole batch), and all four seeds reach 96-98%.
-
-Why it solves few puzzles at CPU scale: that needs a graph right for EVERY cell. With the true 20 peers in place of
-every draw (a diagnostic) this GNN solves as much of the RRN test as sudoku_gnn without its position embedding,
-progressive loss and settle penalty (19% after 8 iterations at the CPU flags below); trained on learned graphs of
-96.5% top-K precision (28 of 81 cells with a wrong neighbour) it solves none, even given the true graph at test:
-it has learned to read a neighbour's digit as soft evidence. Trained longer (8000 steps, seed 1) the graph reached
-99.9% and it solved 11.7% after 8 iterations, then 0% by 32 (no progressive loss here: README). --gnn_graph topk
-trains the GNN on each puzzle's top-K graph and the draws only score the sampler (reward_iters iterations, no
-gradient): 1.7x faster steps here, ~3.5x less GNN work at the headline, the graph learned no faster per step.
-
-Reported (adjacency.png, results.json): solved rate on the RRN test after every iteration 1..--iters, adjacency
-precision/recall over training (uniform: 25%), and the sampler-gradient variance under each baseline.
+Solving needs a graph right for EVERY cell and a GNN that does not overthink. Trained on graphs of 96.5% top-K
+precision (28 of 81 cells with a wrong neighbour) the GNN reads a neighbour's digit as soft evidence and solves no
+puzzle, even given the true graph at test; at 99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after
+32. sudoku_gnn's cure (the progressive loss from a state 0..T-1 iterations deep, reached without gradient, and the
+settle penalty) stalls the sampler if used from the start (93.0%): the reward is the FIRST iteration's loss, which
+it trains less. So it runs only in the last --refine fraction of the steps, once the graph is learned. Adaptive
+compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
 
 Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
     python learned_adjacency.py --iters 64
 GPU result: not yet measured.
 CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
-        --max_givens 50 --curriculum 0 --train_iters 4 --iters 8 --steps 4800 --batch_size 16 --warmup 20 \\
+        --max_givens 50 --curriculum 0 --train_iters 4 --iters 32 --steps 9600 --batch_size 16 --warmup 20 \\
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-    CPU result (one thread of a shared 2-core machine; 764-873 s of training), seeds 0-3: top-K test graph
-    precision (= recall at K = 20) 0.965, 0.977, 0.977, 0.982; sampler-gradient variance (seed 0) none 0.100, ema
-    0.075, rloo 0.035; RRN test at most 3.3% solved after 8 iterations. Every run: README, "learned_adjacency.py".
+CPU result (seeds 0 / 1; 2,016 / 2,112 s, 83 / 79 puzzles/s): top-K precision 99.5 / 97.8%, RRN test solved after
+32 iterations 19.4 / 7.2% (sudoku_gnn, same flags, 4,800 steps: 32.2 / 31.1%), adaptive 22.2 / 9.4%; at 64
+iterations (50 per givens count) 1.3 / 0.6%, adaptive 20.0 / 7.7%. Every run: README, "learned_adjacency.py".
 """
 import math
 import os
@@ -93,7 +58,7 @@ from tqdm import tqdm
 from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
                     peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
-from sudoku_data import RRN_TEST, RRN_VAL, load_test_set, peer_index, sample_batch, train_pool
+from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
 
 BASELINES = ("none", "ema", "rloo")
 
@@ -127,6 +92,8 @@ class Config:
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # per-cell reward: -(cell i's cross-entropy), mean over the first this-many iterations
     gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk")})  # graphs the GNN's loss uses
+    refine: float = 0.2  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
+    settle: float = 0.3  # weight of sudoku_gnn's fixed-point penalty in those steps: mean of ||cell(h_T) - h_T||^2
     seed: int = 0
     # evaluation
     iters: int = 64  # maximum GNN iterations at test; the solved rate is reported after every one
@@ -155,8 +122,10 @@ class Config:
             raise ValueError("--msg_width, --sampler_layers >= 1; --sampler_width a positive multiple of 4 (heads)")
         if not 1 <= self.reward_iters <= self.train_iters:
             raise ValueError(f"--reward_iters must be in 1..--train_iters, got {self.reward_iters}")
-        if min(self.warmup, self.entropy, self.entropy_target, self.sampler_lr) < 0 or not 0 <= self.ema_decay < 1:
-            raise ValueError("--warmup, --entropy, --entropy_target, --sampler_lr must be >= 0, --ema_decay in [0, 1)")
+        if min(self.warmup, self.entropy, self.entropy_target, self.sampler_lr, self.settle) < 0:
+            raise ValueError("--warmup, --entropy, --entropy_target, --sampler_lr, --settle must be >= 0")
+        if not (0 <= self.ema_decay < 1 and 0 <= self.refine <= 1):
+            raise ValueError(f"--ema_decay must be in [0, 1), --refine in [0, 1]; got {self.ema_decay}, {self.refine}")
 
 
 EVAL_FLAGS = ("iters", "n_test", "test_graph", "eval_every", "var_draws", "device", "dtype", "compile", "out_dir",
@@ -167,6 +136,7 @@ VAL_N = 50  # validation puzzles per givens count for the --eval_every log
 VAR_N = 64  # validation puzzles in the fixed batch of the gradient-variance measurement
 EVAL_SEED = 1234  # test-time graph draws do not depend on --seed, so every run is scored on the same draws
 PLOT_GROUPS = ("17", "20", "23", "26", "30", "34")
+HALT_STABLE = 6  # adaptive compute: stop once the answer is unchanged for this many iterations (chosen on validation)
 ENTROPY_GAIN_RATE = 0.01  # change of log(bonus weight) per step per nat below --entropy_target: e-fold in 100 steps
 NEG = -1e9  # log-probability of a cell choosing itself: finite, so p log p and logsumexp stay NaN-free
 
@@ -301,32 +271,46 @@ def cell_losses(logits, sol):  # logits (T, B, 81, 9), sol (B, 81) 1..9 -> cross
     return F.cross_entropy(logits.float().flatten(0, 2), target.flatten(), reduction="none").view(target.shape)
 
 
-def draw_graphs(model, quiz, sol, cfg, gen):
+def gnn_loss(gnn, quiz, sol, nbrs, cfg, skip=0, settle=0.0):
+    """sudoku_gnn's training loss on the graphs nbrs: cross-entropy after each of train_iters iterations from a state
+    `skip` iterations deep (reached without gradient), plus `settle` x the move of one more iteration. -> loss, and
+    the cross-entropy (skip + train_iters, B, 81) of every iteration from the start, for the reward."""
+    ce, h = [], None
+    if skip:
+        with torch.no_grad():
+            logits, h = gnn(quiz, nbrs, skip)
+            ce.append(cell_losses(logits, sol))
+    logits, h = gnn(quiz, nbrs, cfg.train_iters, h)
+    ce.append(cell_losses(logits, sol))
+    loss = ce[-1].mean()
+    if settle:  # one more iteration should leave the final state where it is: a fixed point
+        loss = loss + settle * (gnn(quiz, nbrs, 1, h)[1].float() - h.float()).pow(2).sum(-1).mean()
+    return loss, torch.cat(ce)
+
+
+def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
     """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), and the
     entropy of the draws. With --gnn_graph topk the draws only score the sampler (reward_iters iterations, no
-    gradient) and the GNN's loss is taken on each puzzle's top-K graph."""
+    gradient) and the GNN's loss is taken on each puzzle's top-K graph. skip, settle: gnn_loss (the --refine steps)."""
     logp = model.sampler(quiz)  # (B, 81, 81)
     G = cfg.n_graphs
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
     logq = ordered_log_prob(logp.expand(G, -1, -1, -1), nbrs)  # (G, B, 81)
     entropy = draw_entropy(logp.expand(G, -1, -1, -1), nbrs)
-    sampled = cfg.gnn_graph == "sampled"
-    with torch.set_grad_enabled(sampled and torch.is_grad_enabled()):  # topk: the draws only score the sampler
-        logits, _ = model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.train_iters if sampled else cfg.reward_iters)
-        ce = cell_losses(logits, sol.repeat(G, 1))  # (T, G*B, 81)
-    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)
-    if sampled:
-        return ce.mean(), logq, reward, entropy
-    logits, _ = model.gnn(quiz, logp.detach().topk(cfg.k, -1).indices, cfg.train_iters)  # (T, B, 81, 9)
-    return cell_losses(logits, sol).mean(), logq, reward, entropy
+    if cfg.gnn_graph == "sampled":
+        loss, ce = gnn_loss(model.gnn, quiz.repeat(G, 1), sol.repeat(G, 1), nbrs.flatten(0, 1), cfg, skip, settle)
+    else:
+        with torch.no_grad():  # the draws only score the sampler
+            ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
+        loss, _ = gnn_loss(model.gnn, quiz, sol, logp.detach().topk(cfg.k, -1).indices, cfg, skip, settle)
+    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)  # (T, G*B, 81): iterations from the start
+    return loss, logq, reward, entropy
 
 
 # ---------------------------------------------------------------- metrics
 
 def true_adjacency(peers):  # peers (N, deg) -> (N, N) bool; only ever used to score a graph, never to build one
-    adj = torch.zeros(len(peers), len(peers), dtype=torch.bool, device=peers.device)
-    adj[torch.arange(len(peers), device=peers.device)[:, None], peers] = True
-    return adj
+    return torch.zeros(len(peers), len(peers), dtype=torch.bool, device=peers.device).scatter_(1, peers, True)
 
 
 def adjacency_scores(nbrs, adj):
@@ -341,32 +325,48 @@ def pick_graph(model, quiz, cfg, gen):  # (B, 81) -> nbrs (B, 81, K), and log p 
     return (gumbel_topk(logp, cfg.k, gen) if cfg.test_graph == "sampled" else logp.topk(cfg.k, -1).indices), logp
 
 
+def halting_iteration(pred, n=HALT_STABLE):
+    """pred (T, N, 81) argmax after each iteration -> (N,) index of the first iteration whose answer has not changed
+    over the n iterations before it (T - 1 if none): adaptive compute that needs no sudoku rules."""
+    same = (pred[1:] == pred[:-1]).all(-1).T  # (N, T - 1): iteration t + 1 repeats iteration t
+    stable = F.pad(same, (0, n)).unfold(1, n, 1).all(-1)  # (N, T): iteration t + n ends n repeats in a row
+    return torch.where(stable.any(1), stable.float().argmax(1) + n, len(pred) - 1)
+
+
 @torch.no_grad()
 def evaluate(model, test, iters, cfg, adj, dtype):
-    """Solved rate (all 81 cells right) after each iteration 1..iters per givens count and overall, the test
-    graphs' precision/recall against the true peers, and the mean p(j | i) over all test puzzles (81, 81)."""
+    """Solved rate (all 81 cells right) after each iteration 1..iters per givens count and overall, the adaptive
+    answer's solved rate and mean iterations (halting_iteration), the test graphs' precision/recall against the true
+    peers, and the mean p(j | i) over all test puzzles (81, 81)."""
     dev = adj.device
     gen = torch.Generator(device=dev).manual_seed(EVAL_SEED)
-    acc, solved, prec, rec, mean_p = {}, [], [], [], torch.zeros(81, 81, device=dev)
+    acc, solved, halted, used, prec, rec = {}, [], [], [], [], []
+    mean_p = torch.zeros(81, 81, device=dev)
     for g, (quiz, sol) in test.items():
         correct = torch.zeros(iters, len(quiz), dtype=torch.bool, device=dev)
         for i in range(0, len(quiz), EVAL_BATCH):
-            q, s, h = quiz[i:i + EVAL_BATCH], sol[i:i + EVAL_BATCH], None
+            q, s, h, pred = quiz[i:i + EVAL_BATCH], sol[i:i + EVAL_BATCH], None, []
             with autocast(dev, dtype):
                 nbrs, logp = pick_graph(model, q, cfg, gen)
             precision, recall = adjacency_scores(nbrs, adj)
             prec.append(precision), rec.append(recall)
             mean_p += logp.float().exp().sum(0)
             for t0 in range(0, iters, ITER_CHUNK):
-                k = min(ITER_CHUNK, iters - t0)
                 with autocast(dev, dtype):
-                    logits, h = model.gnn(q, nbrs, k, h)
-                correct[t0:t0 + k, i:i + EVAL_BATCH] = (logits.argmax(-1) + 1 == s).all(-1)
+                    logits, h = model.gnn(q, nbrs, min(ITER_CHUNK, iters - t0), h)
+                pred.append((logits.argmax(-1) + 1).to(torch.uint8))
+            pred = torch.cat(pred)  # (iters, b, 81)
+            correct[:, i:i + EVAL_BATCH] = (pred == s).all(-1)
+            stop = halting_iteration(pred)
+            halted.append(correct[stop, torch.arange(i, i + len(q), device=dev)])
+            used.append(stop + 1)
         acc[str(g)] = correct.float().mean(1).tolist()
         solved.append(correct)
     acc["all"] = torch.cat(solved, 1).float().mean(1).tolist()
+    adaptive = {"solved_all": torch.cat(halted).float().mean().item(),
+                "mean_iters": torch.cat(used).float().mean().item()}
     prec, rec = torch.cat(prec), torch.cat(rec)
-    return acc, prec.mean().item(), rec.mean().item(), (mean_p / len(prec)).cpu()
+    return acc, adaptive, prec.mean().item(), rec.mean().item(), (mean_p / len(prec)).cpu()
 
 
 def grad_variance(model, quiz, sol, cfg, draws, dtype):
@@ -395,31 +395,24 @@ def plot_adjacency(path, log, mean_p, adj, k):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 4, figsize=(17, 4))
     steps = [e["step"] for e in log]
-    ax[0].plot(steps, [e["precision"] for e in log], label="precision (sampled)")
-    ax[0].plot(steps, [e["recall"] for e in log], label="recall (sampled)")
-    ax[0].plot(steps, [e["precision_topk"] for e in log], label="precision (top-K)")
+    for key, label in (("precision", "precision (sampled)"), ("recall", "recall (sampled)"),
+                       ("precision_topk", "precision (top-K)")):
+        ax[0].plot(steps, [e[key] for e in log], label=label)
     ax[0].axhline(0.25, color="gray", linestyle="--", label="uniform: 25%")
     ax[0].set(xlabel="step", ylabel="vs the true 20 peers", ylim=(0, 1.02), title=f"learned graph, K = {k}")
-    ax[0].legend(fontsize=8)
     for b in BASELINES:
         ax[1].plot(steps, [e["grad_var"][b] for e in log], label=f"baseline {b}")
     ax[1].set(xlabel="step", ylabel="trace Cov(sampler gradient)", yscale="log", title="gradient variance")
-    ax[1].legend(fontsize=8)
-    ax[2].imshow(mean_p.numpy(), cmap="viridis")
-    ax[2].set(title="learned mean p(j | i)", xlabel="j", ylabel="i")
-    ax[3].imshow(adj.cpu().numpy(), cmap="viridis")
-    ax[3].set(title="true peers (never seen by the model)", xlabel="j", ylabel="i")
+    for a, image, title in ((ax[2], mean_p, "learned mean p(j | i)"), (ax[3], adj.cpu(), "true peers (never seen)")):
+        a.imshow(image.float().numpy(), cmap="viridis")
+        a.set(title=title, xlabel="j", ylabel="i")
+    ax[0].legend(fontsize=8), ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- main
-
-def to_device(groups, n, device):
-    return {g: (torch.from_numpy(q[:n or None]).long().to(device), torch.from_numpy(s[:n or None]).long().to(device))
-            for g, (q, s) in groups.items()}
-
 
 def main(cfg):
     saved = None
@@ -434,13 +427,12 @@ def main(cfg):
                              {"params": model.sampler.parameters(), "lr": cfg.sampler_lr, "base_lr": cfg.sampler_lr,
                               "decay": cfg.sampler_decay}], weight_decay=cfg.weight_decay)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    host_gen = torch.Generator().manual_seed(cfg.seed)  # --refine's start depths, drawn without a device sync
     graph_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # its own stream: data stays comparable
     adj = true_adjacency(peer_index().to(device))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, val_log = 0, 0.0, []
-    state = saved
-    if cfg.resume and not cfg.ckpt:
-        state = load_checkpoint(ckpt_path, Config)
+    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         if not cfg.ckpt:
@@ -448,6 +440,7 @@ def main(cfg):
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
             data_gen.set_state(state["data_rng"].to(data_gen.get_state().device))
             graph_gen.set_state(state["graph_rng"].to(graph_gen.get_state().device))
+            host_gen.set_state(state["host_rng"])
             set_rng_state(state["rng"])
     # compile the hot step (run train_iters times); wrapping forward keeps the state_dict keys unchanged
     model.gnn.cell.forward = maybe_compile(model.gnn.cell.forward, cfg.compile, device)
@@ -456,7 +449,7 @@ def main(cfg):
           f"{cfg.baseline}, {cfg.batch_size} puzzles x {cfg.n_graphs} graphs, givens {cfg.min_givens}-{cfg.max_givens}")
     # validation puzzles topped up to the training givens (one fixed draw), so the log follows what is being
     # learned, easy puzzles included; --n_test caps their number
-    val = to_device(load_test_set(RRN_VAL, VAL_N), min(VAL_N, cfg.n_test or VAL_N), device)
+    val = groups_to_device(load_test_set(RRN_VAL, VAL_N), min(VAL_N, cfg.n_test or VAL_N), device)
     val_gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     quiz, sol = (torch.cat(t) for t in zip(*val.values()))
     quiz, sol = sample_batch(quiz, sol, len(quiz), val_gen, cfg.min_givens, cfg.max_givens)
@@ -465,18 +458,17 @@ def main(cfg):
     def snapshot(elapsed, results=None):
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg), "step": step,
                 "results": results, "rng": rng_state(), "data_rng": data_gen.get_state(),
-                "graph_rng": graph_gen.get_state(), "val_log": val_log, "train_time_s": time_before + elapsed}
+                "graph_rng": graph_gen.get_state(), "host_rng": host_gen.get_state(), "val_log": val_log,
+                "train_time_s": time_before + elapsed}
 
     def val_stats():
         """Validation solved rate at train_iters, precision/recall of sampled and top-K graphs, gradient variance."""
         model.eval()
         stats = {}
-        for mode in ("topk", "sampled"):
-            acc, precision, recall, _ = evaluate(model, val, cfg.train_iters, replace(cfg, test_graph=mode), adj,
-                                                 dtype)
+        for mode, tag in (("topk", "_topk"), ("sampled", "")):
+            acc, _, stats["precision" + tag], stats["recall" + tag], _ = evaluate(
+                model, val, cfg.train_iters, replace(cfg, test_graph=mode), adj, dtype)
             stats[f"val_solved_{mode}"] = acc["all"][-1]
-            stats[f"precision_{mode}"], stats[f"recall_{mode}"] = precision, recall
-        stats["precision"], stats["recall"] = stats.pop("precision_sampled"), stats.pop("recall_sampled")
         stats["grad_var"] = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
         model.train()
         return stats
@@ -499,11 +491,15 @@ def main(cfg):
                 ramp = min(1.0, i / max(1.0, cfg.curriculum * cfg.steps))
                 lo = round(cfg.max_givens - ramp * (cfg.max_givens - cfg.min_givens))
                 quiz, sol = sample_batch(pool_quiz, pool_sol, cfg.batch_size, data_gen, lo, cfg.max_givens)
+                # --refine: once the graph is learned, train the GNN to keep its answer however long it runs
+                refining = i >= cfg.steps - round(cfg.refine * cfg.steps)
+                skip = int(torch.randint(cfg.train_iters, (1,), generator=host_gen)) if refining else 0
                 with autocast(device, dtype):
-                    gnn_loss, logq, reward, entropy = draw_graphs(model, quiz, sol, cfg, graph_gen)
+                    loss_gnn, logq, reward, entropy = draw_graphs(model, quiz, sol, cfg, graph_gen, skip,
+                                                                  cfg.settle * refining)
                     ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
                     bonus = cfg.entropy * log_gain.exp() * entropy
-                    loss = gnn_loss + surrogate(logq, reward, cfg.baseline, ema) - bonus
+                    loss = loss_gnn + surrogate(logq, reward, cfg.baseline, ema) - bonus
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.gnn.parameters(), 1.0)
@@ -516,7 +512,7 @@ def main(cfg):
                     sync(device)  # a log step: the only place the loop waits for the device
                     t_eval = time.time()
                     speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
-                    val_log.append({"step": step, "loss": gnn_loss.item()} | val_stats())
+                    val_log.append({"step": step, "loss": loss_gnn.item()} | val_stats())
                     eval_s += time.time() - t_eval
                     e = val_log[-1]
                     bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "
@@ -536,12 +532,13 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test = to_device(load_test_set(RRN_TEST), cfg.n_test, device)
-    acc, precision, recall, mean_p = evaluate(model, test, cfg.iters, cfg, adj, dtype)
+    test = groups_to_device(load_test_set(RRN_TEST), cfg.n_test, device)
+    acc, adaptive, precision, recall, mean_p = evaluate(model, test, cfg.iters, cfg, adj, dtype)
     grad_var = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
     headline = {"adjacency_precision": precision, "adjacency_recall": recall,
                 "solved_17_at_iters": acc["17"][-1] if "17" in acc else None, "solved_all_at_iters": acc["all"][-1],
-                "best_solved_all": max(acc["all"]), "samples_per_s": samples_per_s} | {
+                "best_solved_all": max(acc["all"]), "adaptive_solved_all": adaptive["solved_all"],
+                "adaptive_mean_iters": adaptive["mean_iters"], "samples_per_s": samples_per_s} | {
                 f"grad_var_{b}": v for b, v in grad_var.items()}
     results = {"script": "learned_adjacency", "config": asdict(cfg), "train_iters": cfg.train_iters,
                "iters": cfg.iters, "acc": acc, "headline": headline, "test_graph": cfg.test_graph,
@@ -558,7 +555,8 @@ def main(cfg):
         plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k)
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     print(f"final: {cfg.test_graph} graph precision {precision:.3f} recall {recall:.3f} | solved at {cfg.iters} "
-          f"iters: 17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | grad var none "
+          f"iters: 17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | adaptive "
+          f"{adaptive['solved_all']:.3f} at {adaptive['mean_iters']:.1f} iters | grad var none "
           f"{grad_var['none']:.3g} ema {grad_var['ema']:.3g} rloo {grad_var['rloo']:.3g} | train {train_time:.0f} s, "
           f"{fmt(samples_per_s, '.0f')} puzzles/s")
     return results

@@ -314,9 +314,7 @@ def main(cfg):
     host_gen = torch.Generator().manual_seed(cfg.seed)  # progressive-loss depths, drawn without a device sync
     step, time_before, results = 0, 0.0, {}
 
-    state = saved
-    if cfg.resume and not cfg.ckpt:
-        state = load_checkpoint(ckpt_path, Config)
+    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         results = state["results"]

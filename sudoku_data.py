@@ -162,6 +162,12 @@ def load_test_set(path=RRN_TEST, n_per_givens=0):
     return groups
 
 
+def groups_to_device(groups, n, device):
+    """load_test_set's groups as long tensors on `device`, the first n of each givens count (0 = all)."""
+    return {g: (torch.from_numpy(q[:n or None]).long().to(device), torch.from_numpy(s[:n or None]).long().to(device))
+            for g, (q, s) in groups.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # equivalence of solution grids under relabelling, transpose, band/stack and row/column-in-band permutations
 

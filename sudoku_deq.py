@@ -61,7 +61,7 @@ from tqdm import tqdm
 from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
                     parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
-from sudoku_data import RRN_TEST, RRN_VAL, load_test_set, peer_index, sample_batch, train_pool
+from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
 
 
 @dataclass
@@ -333,11 +333,6 @@ def evaluate(model, test, cfg, iters, dtype, cell=None):
     return acc, solved, torch.cat(res, 1).mean(1).tolist(), rho, (cells / blanks).tolist()
 
 
-def to_device(groups, n, device):
-    return {g: (torch.from_numpy(q[:n or None]).long().to(device), torch.from_numpy(s[:n or None]).long().to(device))
-            for g, (q, s) in groups.items()}
-
-
 def plot_stability(path, log, title):
     """Validation solved rate, relative residual and spectral radius of df/dh over training."""
     import matplotlib
@@ -384,9 +379,7 @@ def main(cfg):
     step, time_before, lr_scale, recoveries = 0, 0.0, 1.0, 0
     log = {k: [] for k in ("step", "loss", "train_cell_acc", "val_solved", "residual", "solver_iters",
                            "spectral_radius", "spectral_radius_max", "lr_scale")}
-    state = saved
-    if cfg.resume and not cfg.ckpt:
-        state = load_checkpoint(ckpt_path, Config)
+    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         if not cfg.ckpt:
@@ -411,7 +404,7 @@ def main(cfg):
 
     if not cfg.ckpt:
         pool_quiz, pool_sol = (torch.from_numpy(a).to(device) for a in train_pool())
-        val = to_device(load_test_set(RRN_VAL, min(VAL_N, cfg.n_test or VAL_N)), 0, device)  # --n_test caps it
+        val = groups_to_device(load_test_set(RRN_VAL, min(VAL_N, cfg.n_test or VAL_N)), 0, device)  # --n_test caps it
     sync(device)
     t0, start, eval_s, train_peak, good = time.time(), step, 0.0, 0.0, copy_state()
     if not cfg.ckpt:
@@ -486,7 +479,7 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test = to_device(load_test_set(RRN_TEST), cfg.n_test, device)
+    test = groups_to_device(load_test_set(RRN_TEST), cfg.n_test, device)
     acc, solved, res_curve, rho, cell_acc = evaluate(model, test, cfg, cfg.iters, dtype, fast_cell)
     mid = [solved[k][-1] for k, g in enumerate(test) if 30 <= g <= 34]
     headline = {"solved_17_at_iters": acc["17"][-1] if "17" in acc else None,

@@ -60,8 +60,8 @@ from tqdm import tqdm
 from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
                     parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
-from sudoku_data import (RRN_TEST, RRN_VAL, is_valid_grid, load_test_set, peer_index, read_puzzles, sample_batch,
-                         train_pool)
+from sudoku_data import (RRN_TEST, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_index, read_puzzles,
+                         sample_batch, train_pool)
 
 
 @dataclass
@@ -228,11 +228,6 @@ def evaluate(model, test, iters, dtype):
     return acc, solved, adaptive
 
 
-def to_device(groups, n, device):
-    return {g: (torch.from_numpy(q[:n or None]).long().to(device), torch.from_numpy(s[:n or None]).long().to(device))
-            for g, (q, s) in groups.items()}
-
-
 def solve_file(model, cfg, device, dtype):
     """--puzzles FILE: print each solution, whether it is valid / keeps the givens / matches, iterations used."""
     quiz_np, sol_np = read_puzzles(cfg.puzzles)
@@ -316,9 +311,7 @@ def main(cfg):
     host_gen = torch.Generator().manual_seed(cfg.seed)  # --progressive depths, drawn without a device sync
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, results, val_log = 0, 0.0, {}, []
-    state = saved
-    if cfg.resume and not cfg.ckpt:
-        state = load_checkpoint(ckpt_path, Config)
+    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         results = state["results"]
@@ -344,7 +337,7 @@ def main(cfg):
 
     if not cfg.ckpt:
         pool_quiz, pool_sol = (torch.from_numpy(a).to(device) for a in train_pool())
-        val = to_device(load_test_set(RRN_VAL, min(VAL_N, cfg.n_test or VAL_N)), 0, device)  # --n_test caps it
+        val = groups_to_device(load_test_set(RRN_VAL, min(VAL_N, cfg.n_test or VAL_N)), 0, device)  # --n_test caps it
     sync(device)
     t0, start, eval_s = time.time(), step, 0.0
     if not cfg.ckpt:
@@ -390,11 +383,11 @@ def main(cfg):
 
     model.eval()
     test_np = load_test_set(RRN_TEST)
-    test = to_device(test_np, cfg.n_test, device)
+    test = groups_to_device(test_np, cfg.n_test, device)
     acc, solved, adaptive = evaluate(model, test, cfg.iters, dtype)
     over_acc = None  # the same model run 4x longer on a subset: does the answer survive the extra iterations?
     if cfg.n_overthink:
-        over_acc = evaluate(model, to_device(test_np, cfg.n_overthink, device), 4 * cfg.iters, dtype)[0]["all"]
+        over_acc = evaluate(model, groups_to_device(test_np, cfg.n_overthink, device), 4 * cfg.iters, dtype)[0]["all"]
     groups = list(test)
     mid = [solved[k][-1] for k, g in enumerate(groups) if 30 <= g <= 34]
     headline = {"solved_17_at_iters": acc["17"][-1] if "17" in acc else None,

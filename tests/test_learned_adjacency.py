@@ -164,6 +164,43 @@ def test_gnn_graph_topk_moves_only_the_gnn_loss():
     assert not torch.allclose(out["sampled"][0], out["topk"][0])
 
 
+def test_refine_loss_starts_deep_and_settles():
+    """The --refine steps: the GNN's loss is that of iterations skip+1..skip+train_iters of a run from the start, the
+    sampler's reward (first iteration from the start) is the same at every depth, and the settle term adds the move
+    of one more iteration."""
+    torch.manual_seed(0)
+    cfg = la.Config(width=16, msg_width=16, sampler_width=16, train_iters=3)
+    model = la.Model(cfg)
+    torch.nn.init.normal_(model.sampler.qk.weight)
+    quiz, sol = torch.randint(10, (3, 81)), torch.randint(1, 10, (3, 81))
+    for mode in ("sampled", "topk"):
+        mcfg = la.replace(cfg, gnn_graph=mode)
+        _, _, reward0, _ = la.draw_graphs(model, quiz, sol, mcfg, torch.Generator().manual_seed(1))
+        loss, _, reward2, _ = la.draw_graphs(model, quiz, sol, mcfg, torch.Generator().manual_seed(1), skip=2)
+        assert torch.allclose(reward0, reward2)
+    nbrs = model.sampler(quiz).topk(cfg.k, -1).indices
+    logits, h = model.gnn(quiz, nbrs, 2 + cfg.train_iters)
+    assert torch.allclose(loss, la.cell_losses(logits[2:], sol).mean())
+    settled, _ = la.gnn_loss(model.gnn, quiz, sol, nbrs, cfg, skip=2, settle=0.5)
+    moved = model.gnn(quiz, nbrs, 1, h)[1] - h
+    assert torch.allclose(settled, loss + 0.5 * moved.pow(2).sum(-1).mean())
+
+
+def test_halting_iteration_matches_a_loop():
+    """Adaptive compute stops at the first iteration whose argmax equals those of the n iterations before it."""
+    pred = torch.zeros(12, 50, 81, dtype=torch.long)
+    pred[:, :, 0] = torch.randint(2, (12, 50), generator=torch.Generator().manual_seed(0))  # repeats are common
+    pred[:, :5, 0] = 1  # constant from the start
+    for n in (1, 2, 3):
+        got = la.halting_iteration(pred, n)
+        for j in range(pred.shape[1]):
+            repeats = [t for t in range(n, len(pred)) if all(torch.equal(pred[t, j], pred[t - d, j])
+                                                             for d in range(1, n + 1))]
+            assert got[j] == (repeats[0] if repeats else len(pred) - 1), (n, j)
+        assert (got[:5] == n).all()
+    assert (la.halting_iteration(pred[:2], 2) == 1).all()  # too few iterations for two repeats: the last one
+
+
 @pytest.mark.parametrize("reads", ["positions", "cells"])
 def test_sampler_reads_the_digits_only_when_asked(reads):
     """--sampler_reads positions gives every puzzle the same p(j | i), even with the head's path through the
@@ -182,10 +219,10 @@ def test_sampler_learns_the_graph_on_easy_puzzles(tmp_path):
     """250 steps on 40-50-given puzzles (width 32, one iteration): the sampler, trained by the surrogate loss alone,
     gives a top-K graph on held-out test puzzles well above uniform (25%; untrained: 0.25-0.26); seeds 0-3 reach
     0.35-0.41. The sampler's lr decays here: held constant (the default) over only 250 steps, seeds 0-3 gave
-    0.29-0.37."""
+    0.29-0.37. --refine 0: the sampler's learning alone, as measured."""
     cfg = la.Config(device="cpu", compile=False, width=32, msg_width=32, sampler_width=32, min_givens=40,
                     max_givens=50, curriculum=0, train_iters=1, iters=1, steps=250, batch_size=16, warmup=0,
-                    lr=1e-2, sampler_lr=1e-2, sampler_decay=True, entropy=3e-2, n_test=4, eval_every=0, var_draws=2,
-                    out_dir=str(tmp_path))
+                    lr=1e-2, sampler_lr=1e-2, sampler_decay=True, entropy=3e-2, refine=0, n_test=4, eval_every=0,
+                    var_draws=2, out_dir=str(tmp_path))
     precision = la.main(cfg)["headline"]["adjacency_precision"]
     assert precision >= 0.31, precision

@@ -34,9 +34,9 @@ SCRIPTS = {
                    ["spectral_radius", "residual", "solved_17_at_iters", "solved_all_at_iters", "recoveries"]),
     "learned_adjacency": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16", "--msg_width", "16",
                            "--sampler_width", "16", "--batch_size", "4", "--n_test", "2", "--var_draws", "2",
-                           "--eval_every", "2"],
-                          ["adjacency_precision", "adjacency_recall", "solved_all_at_iters", "grad_var_none",
-                           "grad_var_ema", "grad_var_rloo"]),
+                           "--eval_every", "2", "--refine", "0.5"],
+                          ["adjacency_precision", "adjacency_recall", "solved_all_at_iters", "adaptive_solved_all",
+                           "adaptive_mean_iters", "grad_var_none", "grad_var_ema", "grad_var_rloo"]),
 }
 CKPT_KEYS = {"model", "optimizer", "config", "step", "results", "rng"}
 
