@@ -303,7 +303,7 @@ def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
         with torch.no_grad():  # the draws only score the sampler
             ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
         loss, _ = gnn_loss(model.gnn, quiz, sol, logp.detach().topk(cfg.k, -1).indices, cfg, skip, settle)
-    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)  # (T, G*B, 81): iterations from the start
+    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)  # ce: (iterations from the start, G*B, 81)
     return loss, logq, reward, entropy
 
 

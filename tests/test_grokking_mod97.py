@@ -90,7 +90,7 @@ def test_orthogonalize_flattens_the_singular_values(shape):
     into about [0.7, 1.2]; checked against an SVD."""
     torch.manual_seed(0)
     u, _, vt = torch.linalg.svd(torch.randn(shape, dtype=torch.float64), full_matrices=False)
-    o = g.orthogonalize(u @ torch.diag(torch.logspace(-2, 0, min(shape), dtype=torch.float64)) @ vt)
+    o = g.orthogonalize((u @ torch.diag(torch.logspace(-2, 0, min(shape), dtype=torch.float64)) @ vt)[None])[0]
     in_basis = u.T @ o @ vt.T  # diagonal if the singular vectors are kept
     assert torch.allclose(in_basis, torch.diag(torch.diagonal(in_basis)), atol=1e-9)
     assert torch.diagonal(in_basis).min() > 0.6 and torch.diagonal(in_basis).max() < 1.25
@@ -110,7 +110,7 @@ def test_muon_steps_the_core_matrices_and_adamw_the_rest():
         step = w.detach() - w0 * (1 - cfg.lr * cfg.weight_decay)  # the update without the weight decay
         if n.startswith("core") and w.ndim == 2:
             # first step: the Nesterov momentum is a multiple of the gradient, so the update is its orthogonal part
-            expected = -cfg.lr * cfg.muon_rms * max(w.shape) ** 0.5 * g.orthogonalize(grad)
+            expected = -cfg.lr * cfg.muon_rms * max(w.shape) ** 0.5 * g.orthogonalize(grad[None])[0]
         else:  # AdamW's first step: lr * g / (|g| + eps)
             expected = -cfg.lr * grad / (grad.abs() + 1e-8)
         assert torch.allclose(step, expected, atol=1e-6), n
