@@ -16,13 +16,15 @@ was resident before them (CUDA), and the ratios sudoku_gnn / naive (sudoku_gnn's
 
     python bench_sudoku.py                              # CUDA: width 96, 32 iterations, batch 512 (naive eager 64)
     python bench_sudoku.py --device cpu --width 32 --msg_width 32 --train_iters 8 --batch_size 32 --naive_batch 32
-GPU result (one H200, torch 2.11, bf16; the GPU shared with a training run, so absolute speeds are lower bounds):
-the first command gives the naive RRN 1,040 puzzles/s eager and 3,883 compiled, sudoku_gnn 6,721 (6.46x / 1.73x;
-the 15k target is not met) and sudoku_deq 0.52x sudoku_gnn's speed at 0.41x its peak memory (1.73 vs 4.26 GB).
-CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32; two runs each; peak memory is CUDA only):
-the second command gives the naive RRN 84-88 puzzles/s, sudoku_gnn 223-258 (2.64-2.92x) and sudoku_deq 0.53-0.63x
-sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at 4.15-4.47x the naive RRN and sudoku_deq at
-0.87-0.92x sudoku_gnn:  python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
+GPU result (one H200, torch 2.11, bf16; the GPU shared with a training run, so absolute speeds are lower bounds;
+measured when sudoku_gnn and sudoku_deq summed their messages with a gather over the 1,620 edges): the first
+command gave the naive RRN 1,040 puzzles/s eager and 3,883 compiled, sudoku_gnn 6,721 (6.46x / 1.73x; the 15k
+target is not met) and sudoku_deq 0.52x sudoku_gnn's speed at 0.41x its peak memory (1.73 vs 4.26 GB). The
+gather-free sum they use now (sudoku_data.peer_relu_sum) is not measured on a GPU yet.
+CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32, eager; two runs each; peak memory is CUDA
+only): the second command gives the naive RRN 75-97 puzzles/s, sudoku_gnn 181-204 (2.11-2.42x) and sudoku_deq
+0.41-0.46x sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at 3.01-3.19x the naive RRN and
+sudoku_deq at 0.80-0.81x sudoku_gnn:  python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
 """
 import gc
 import time

@@ -23,13 +23,13 @@ more often.
 
 Headline (5 seeds, median steps and seconds to 99% validation, step ratio to the Power recipe on the same seeds):
     python grokking_mod97.py --n_seeds 5 --compare_power
-GPU result (one H200, torch 2.11, bf16 autocast, eager; the per-matrix Muon step that the batched one replaced, with
-the same arithmetic):  python grokking_mod97.py --n_seeds 5  -> 99% validation at steps 37, 35, 34, 39, 38 (median
-  37), 0.49-0.66 s per run after the first (4.6 s with CUDA's warm-up), median 0.64 s: the 0.5 s target is not met
-  by that version. With --compare_power (the GPU shared with another run) the Power recipe took 1,720-1,993 steps
+GPU result (one H200, torch 2.11, bf16 autocast, eager):  python grokking_mod97.py --n_seeds 5  -> 99% validation
+  at steps 37, 34, 33, 37, 39 (median 37; 95% at 33), 0.54, 0.54, 0.62, 0.54 s per run after the first (4.6 s with
+  CUDA's warm-up): median 0.54 s, so the 0.5 s target is not met. The batched Muon step (93 kernel launches per
+  optimizer step instead of 393, counted on the CPU) took it from 0.64 s (the per-matrix step in an earlier
+  session: steps 37, 35, 34, 39, 38); a run stops at step 40 (checks every 10), so that is 13.5 ms per step. With
+  --compare_power (the GPU shared with another run, per-matrix Muon) the Power recipe took 1,720-1,993 steps
   (median 1,872: 50.6x the default's 37). --train_frac 0.3 / --p 113 / --op sub: medians 103 / 35 / 83 steps.
-  The batched Muon step launches 93 kernels per optimizer step instead of 393 (counted on the CPU with AdamW's
-  CUDA-style foreach path); at this size launches, not arithmetic, set the step time. Its GPU seconds are unmeasured.
 CPU results (one thread of a shared 2-core machine, so seconds are noisy; steps do not depend on the hardware):
     python grokking_mod97.py --n_seeds 5 --device cpu    (seeds 0-4)
   99% validation at steps 36, 34, 34, 38, 39 (median 36; 95% at median 32), 67-90 s per seed. Validation trails

@@ -26,13 +26,11 @@ iterations (overthinking check). Default sizes: with window 1 a carry moves one 
 
 Headline (trained <=20 digits, tested 20..1,000 digits; --ckpt evaluates a checkpoint on other lengths):
     python recurrent_addition.py
-GPU result (one H200, torch 2.11, bf16 autocast), partial: the default command as it was then (--steps 12000) was
-stopped at step 6,157 by the session's time (4,142 steps beside another run on the GPU, then alone after --resume;
-703 s, 8.8 steps/s). The 20-digit check (256 sums) was exact from step 2,000; the checkpoints of steps 4,142 and
-6,157, evaluated on the CPU with --ckpt: 1.000 at 100 digits (200 sums; 96 / 95 iterations needed, 1.000 at 4x)
-and at 1,000 digits, half long-carry (50 sums; 1.000 from iteration 895 / 900 to 1,300, one dip to 0.98 at step
-4,142's). At that speed 12,000 steps would take about 23 minutes, so the default is now 4,000 steps (about 8 minutes);
-that run, and the evaluation on the GPU, are not measured yet.
+GPU result (one H200, torch 2.11, bf16 autocast): 649 s of training (3,442 steps, then --resume on a fresh
+machine; two compiles included); the 20-digit check (256 sums) was exact from step 1,500. The final checkpoint,
+evaluated on the CPU with --ckpt: 1.000 at 100 digits (200 sums; 96 iterations needed, 1.000 at 4x) and at 1,000
+digits, half long-carry (50 sums; 1.000 from iteration 901 to 1,300). The default evaluation itself (1,000 sums
+per length, 4,400 iterations) has not run on a GPU yet.
 CPU-scale version (train <=6 digits, test 8-32 digits; 1 thread of a shared 2-core machine, seed 0):
     python recurrent_addition.py --device cpu --train_digits 6 --test_digits 8,16,32 --width 64 --window 1 \\
         --train_iters 12 --iters 96 --steps 2000 --batch_size 64 --n_test 200 --lr 2e-3 --eval_every 100
@@ -96,7 +94,7 @@ class Config:
     # training
     train_iters: int = 32  # iterations with gradient, loss at every one (>= train_digits + 1 at window 1)
     progressive: bool = True  # first run 0..train_iters-1 iterations without gradient (recurrent model only)
-    steps: int = 4000  # the 20-digit check is exact from about step 2,000 (GPU run in the docstring)
+    steps: int = 4000  # 649 s on one H200; the 20-digit check is exact from step 1,500 (docstring)
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -248,7 +246,7 @@ class Adder(nn.Module):
     def forward(self, ta, tb, iters, state=None, t0=0):
         """Logits after each of iterations t0+1..t0+iters, (iters, B, L, 10), and the state to continue from."""
         e = self.embed_a(ta) + self.embed_b(tb)  # (B, L, d)
-        x = e if state is None else state
+        x = e.clone() if state is None else state  # never e itself: aliased inputs would compile the block once more
         logits = []
         for t in range(t0, t0 + iters):
             if self.recurrent:

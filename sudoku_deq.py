@@ -1,12 +1,12 @@
 """Sudoku as a deep-equilibrium model: solve h = f(h, x) with a root finder, train with the implicit gradient.
 
 The cell f is one message-passing iteration of the sudoku_gnn.py family (a message MLP over each cell's 20 peers
-whose first layer is split into per-node projections A h_i + B h_j made before the gather, then a GRU update that
+whose first layer is split into per-node projections A h_i + B h_j, summed without a gather, then a GRU update that
 re-reads the input). Instead of unrolling it and back-propagating through every iteration, the forward pass finds
 the fixed point h* with Anderson acceleration (or plain iteration) without an autograd graph, and the backward
 pass solves the adjoint fixed point g = g df/dh + dL/dh* with the same solver (implicit function theorem; Bai et
 al. 2019), so training memory does not grow with the number of iterations (the tensors autograd saves for one
-training step of 2 puzzles at the default width: 6.8 MB with 8 or 32 solver iterations alike, against 15.8 / 61.5
+training step of 2 puzzles at the default width: 5.3 MB with 8 or 32 solver iterations alike, against 6.3 / 23.6
 MB for sudoku_gnn's unrolled step at 8 / 32 iterations; tests/test_sudoku_deq.py). A phantom gradient (a few damped
 steps of f from h* with autograd; Geng et al. 2021) is the cheaper alternative behind --backward phantom. The
 loss is taken at the fixed point only (there is no unrolled trajectory to put one on), and test-time compute is
@@ -61,7 +61,7 @@ from tqdm import tqdm
 from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
                     parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
-from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
+from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_relu_sum, sample_batch, train_pool
 
 
 @dataclass
@@ -245,10 +245,9 @@ class Cell(nn.Module):
         self.from_h = nn.Linear(d, 2 * m + 3 * d)  # A h_i, B h_j (first message layer, split) and the GRU's h gates
         self.from_msg = nn.Linear(m, 3 * d, bias=False)  # second message layer folded into the GRU's input gates
 
-    def forward(self, h, x_gates, peers):  # h (B, 81, d), x_gates (B, 81, 3d), peers (81, 20)
+    def forward(self, h, x_gates):  # h (B, 81, d), x_gates (B, 81, 3d)
         a, b, h_gates = self.from_h(h).split([self.m, self.m, 3 * h.shape[-1]], -1)
-        edges = F.relu(a.unsqueeze(2) + b[:, peers])  # (B, 81, 20, m): the gather happens after the projection
-        gates = x_gates + self.from_msg(edges.mean(2))  # (B, 81, 3d)
+        gates = x_gates + self.from_msg(peer_relu_sum(a, b) / 20)  # (B, 81, 3d): the mean message
         r_x, z_x, n_x = gates.chunk(3, -1)
         r_h, z_h, n_h = h_gates.chunk(3, -1)
         r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
@@ -265,14 +264,13 @@ class DEQ(nn.Module):
         self.x_gates = nn.Linear(d, 3 * d)  # input injection: the same projection at every call of f
         self.cell = Cell(cfg)
         self.head = nn.Linear(d, 9)
-        self.register_buffer("peers", peer_index(), persistent=False)
 
     def inject(self, quiz):  # (B, 81) 0..9 -> (B, 81, 3d)
         return self.x_gates(self.digit(quiz) + (self.pos if self.pos is not None else 0))
 
     def f(self, x_gates, cell=None):  # h -> f(h, x); `cell` may be a compiled self.cell
         cell = self.cell if cell is None else cell  # not `cell or ...`: a compiled module has no truth value
-        return lambda h: cell(h, x_gates, self.peers)
+        return lambda h: cell(h, x_gates)
 
     @torch.no_grad()
     def forward(self, quiz, iters, method="anderson", m=5, cell=None):

@@ -11,15 +11,17 @@ loss, Bansal et al. 2022). That alone does not stop overthinking: the state neve
 loss also penalises one extra iteration after the last trained one for moving the state (--settle): the answer
 becomes a fixed point, the state's move per iteration decays instead of growing, and more iterations stop hurting.
 
-Speed: the message MLP's first layer on (h_i, h_j) is split into per-node projections A h_i + B h_j made BEFORE
-the gather over the 1,620 edges; its second layer is linear, so it is applied after the (layer-normalised) sum
-over peers and folded into the GRU's input gates; the input's share of the gates is constant over iterations and
-computed once. Per node and iteration that is 5 m d + 3 d^2 multiply-adds (d = --width, m = --msg_width) plus
-the (20, m) edge tensor: 12 MFLOP per puzzle-iteration at width 96, about 1.2 GFLOP per training puzzle at 32
-iterations with backward (the --settle iteration adds 3%), i.e. 17 TFLOP/s at the 15k puzzles/s target, a few %
-of an H100's bf16 peak. The cost is memory traffic through the (B, 81, 20, m) edge tensor, which is why the cell
-is compiled on CUDA (gather, add, relu and sum fuse) and runs under bf16 autocast; there is no host sync per step
-except on log steps.
+Speed: the message MLP's first layer on (h_i, h_j) is split into per-node projections A h_i + B h_j, so only
+relu(A h_i + B h_j) is per edge; its second layer is linear, so it is applied after the (layer-normalised) sum over
+peers and folded into the GRU's input gates; the input's share of the gates is constant over iterations and
+computed once. The sum over peers needs no gather either (sudoku_data.peer_relu_sum): it sums over each cell's row,
+column and box, dense 9x9 tables of pairs built from reshapes, and subtracts what they count twice. Compiled, each
+table is one fused reduction in the forward and in the backward, so no (B, 81, 20, m) edge tensor is stored and
+no scatter-add into B h_j's gradient runs (a gather over the 1,620 edges needs both). Per node and iteration that
+is 5 m d + 3 d^2 multiply-adds (d = --width, m = --msg_width) plus 34 m pair terms: 12 MFLOP per puzzle-iteration
+at width 96, about 1.2 GFLOP per training puzzle at 32 iterations with backward (the --settle iteration adds 3%),
+i.e. 18 TFLOP/s at the 15k puzzles/s target, a few % of an H100's bf16 peak: the cost is memory traffic, which is
+why the cell is compiled on CUDA and runs under bf16 autocast; there is no host sync per step except on log steps.
 
 Evaluation: RRN's test set, solved rate (all 81 cells right) per givens count 17..34 after every iteration
 1..--iters; an overthinking check at 4x --iters on a subset; adaptive compute (a puzzle halts as soon as its argmax
@@ -32,18 +34,17 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     python sudoku_gnn.py --device cpu --width 32 --msg_width 32 --min_givens 30 --train_iters 8 --iters 32 \\
         --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 20 \\
         --eval_every 250
-    CPU result (seeds 0 / 1, one thread each, 220 / 176 s of training on a shared 2-core x86 machine; 20 test
-    puzzles per givens count): RRN test puzzles with 30-34 givens solved 98.0% / 94.0% at 32 iterations, all givens
-    55.0% / 52.5% (0% with 17 givens); at 128 iterations the overall rate is 2.8 / 3.3 points HIGHER. Adaptive
-    halting solves 55.0% / 54.7% using 21.1 / 20.7 iterations on average. CPU results depend on the machine and
-    the thread count (a 200-step run with 2 threads differs from the same run with 1): on another machine of the
-    same kind, one thread, the same command gave 95.0% / 97.0% and 53.3% / 53.3% (3.1 / 2.2 points higher at 128
-    iterations, 56.1% / 50.3% at 256), and there --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 /
-    46.7 points lower at 128, 39.2% / 0.0% at 256.
-    Tried and not kept (beside an earlier run that gave the same AdamW numbers as the first ones above): Muon
-    (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on the three input-gate, message and GRU weight
-    matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens 97.0% / 94.0% (with --steps 750 it was ahead:
-    50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
+    CPU result (seeds 0 / 1, one thread each, 281 / 278 s of training on a shared 2-core x86 machine; 20 test
+    puzzles per givens count): RRN test puzzles with 30-34 givens solved 96.0% / 96.0% at 32 iterations, all givens
+    55.6% / 55.3% (0% with 17 givens); at 128 iterations the overall rate is 3.1 / 1.7 points HIGHER. Adaptive
+    halting solves 55.8% / 56.4% using 20.9 / 20.6 iterations on average. CPU results depend on the machine, the
+    thread count and the order of float sums: with the message sum as a gather (the same arithmetic in another
+    order) the same command gave 98.0% / 94.0% and 55.0% / 52.5% (+2.8 / +3.3 points at 128) here, and 95.0% /
+    97.0% and 53.3% / 53.3% (+3.1 / +2.2 at 128, 56.1% / 50.3% at 256) on another machine of the same kind, where
+    --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower at 128, 39.2% / 0.0% at 256.
+    Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
+    the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
+    97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
     Equal training wall-clock against sudoku_deq.py with these flags: README, "sudoku_deq.py".
 """
 import math
@@ -60,7 +61,7 @@ from tqdm import tqdm
 from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
                     parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
                     set_rng_state, set_seed, sync, write_results)
-from sudoku_data import (RRN_TEST, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_index, read_puzzles,
+from sudoku_data import (RRN_TEST, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_relu_sum, read_puzzles,
                          sample_batch, train_pool)
 
 
@@ -130,10 +131,9 @@ class Cell(nn.Module):
         self.norm = nn.LayerNorm(m)  # the sum over 20 peers varies a lot in scale; normalised it learns far faster
         self.from_msg = nn.Linear(m, 3 * d, bias=False)  # second message layer folded into the GRU's input gates
 
-    def forward(self, h, x_gates, peers):  # h (B, 81, d), x_gates (B, 81, 3d), peers (81, 20)
+    def forward(self, h, x_gates):  # h (B, 81, d), x_gates (B, 81, 3d)
         a, b, h_gates = self.from_h(h).split([self.m, self.m, 3 * h.shape[-1]], -1)
-        edges = F.relu(a.unsqueeze(2) + b[:, peers])  # (B, 81, 20, m): the gather happens after the projection
-        gates = x_gates + self.from_msg(self.norm(edges.sum(2)))  # (B, 81, 3d)
+        gates = x_gates + self.from_msg(self.norm(peer_relu_sum(a, b)))  # (B, 81, 3d)
         r_x, z_x, n_x = gates.chunk(3, -1)
         r_h, z_h, n_h = h_gates.chunk(3, -1)
         r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
@@ -150,7 +150,6 @@ class RRN(nn.Module):
         self.x_gates = nn.Linear(d, 3 * d)  # input recall: the same projection every iteration, so made once
         self.cell = Cell(cfg)
         self.head = nn.Linear(d, 9)
-        self.register_buffer("peers", peer_index(), persistent=False)
 
     def forward(self, quiz, iters, h=None):
         """quiz (B, 81) 0..9 -> logits after each of `iters` iterations (iters, B, 81, 9), and the state h."""
@@ -159,7 +158,7 @@ class RRN(nn.Module):
         h = torch.tanh(x) if h is None else h
         logits = []
         for _ in range(iters):
-            h = self.cell(h, x_gates, self.peers)
+            h = self.cell(h, x_gates)
             logits.append(self.head(h))
         return torch.stack(logits), h
 

@@ -102,6 +102,28 @@ def test_tiny_model_adds_longer_numbers_with_more_iterations(seed, tmp_path):
     assert final >= 1.15, final
 
 
+def test_block_compiles_few_variants_across_training_and_evaluation():
+    """Training (with and without gradient), the quick 20-digit check and the evaluation at other lengths must need
+    fewer compiled versions of the block than Dynamo's limit of 8, past which it runs the block uncompiled."""
+    import torch._dynamo.testing  # the counting backend: compiles nothing, counts each version Dynamo makes
+
+    cfg = ra.Config(width=16, heads=2, train_iters=3)
+    model, counter = ra.Adder(cfg), torch._dynamo.testing.CompileCounter()
+    model.blocks[0].forward = torch.compile(model.blocks[0].forward, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    for skip in range(3):  # main()'s step: a progressive warm-up without gradient, then iterations with it
+        ta, tb, y = ra.make_batch(32, 1, 20, 21, torch.rand(32, generator=g) < 0.3, g)
+        x = None
+        if skip:
+            with torch.no_grad():
+                x = model(ta, tb, skip)[1]
+        model(ta, tb, cfg.train_iters, x)[0].sum().backward()
+    cpu = torch.device("cpu")
+    ra.evaluate(model, ra.make_test_sets([20], cpu), 6, 256, cpu, torch.float32)
+    ra.evaluate(model, ra.make_test_sets([20, 50, 100], cpu), 2 * ra.ITER_CHUNK + 1, 40, cpu, torch.float32)
+    assert counter.frame_count < 8, counter.frame_count
+
+
 def test_bad_test_digits_exit_2():
     for bad in ("10,x", "0", "5,5", ""):
         with pytest.raises(SystemExit) as e:

@@ -71,6 +71,20 @@ def test_pool_puzzles_have_exactly_their_shipped_solution():
         assert sd.solve(quiz[i].tolist()) == sol[i].tolist()
 
 
+def test_peer_relu_sum_matches_a_loop_over_peers_in_value_and_gradient():
+    """The gather-free sum over units against relu(a_i + b_j) summed over peers found from coordinates."""
+    a, b = (torch.randn(2, 81, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    same_unit = lambda i, j: i // 9 == j // 9 or i % 9 == j % 9 or (i // 27, i % 9 // 3) == (j // 27, j % 9 // 3)
+    want = torch.stack([sum(torch.relu(a[:, i] + b[:, j]) for j in range(81) if j != i and same_unit(i, j))
+                        for i in range(81)], 1)
+    got = sd.peer_relu_sum(a, b)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)
+    grads_want, grads_got = (torch.autograd.grad((out * w).sum(), (a, b)) for out in (want, got))
+    for g_want, g_got in zip(grads_want, grads_got):
+        torch.testing.assert_close(g_got, g_want)
+
+
 def test_solver_reports_contradictions_and_validity_check_catches_errors():
     quiz, sol = sd.read_puzzles(sd.RRN_TEST)
     broken = quiz[0].copy()
