@@ -24,7 +24,8 @@ gather-free sum they use now (sudoku_data.peer_relu_sum) is not measured on a GP
 CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32, eager; two runs each; peak memory is CUDA
 only): the second command gives the naive RRN 75-97 puzzles/s, sudoku_gnn 181-204 (2.11-2.42x) and sudoku_deq
 0.41-0.46x sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at 3.01-3.19x the naive RRN and
-sudoku_deq at 0.80-0.81x sudoku_gnn:  python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
+sudoku_deq at 0.80-0.81x sudoku_gnn:
+    python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
 """
 import gc
 import time
