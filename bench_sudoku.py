@@ -20,11 +20,11 @@ GPU result (one H200, torch 2.11, bf16; the GPU shared with a training run, so a
 measured when sudoku_gnn and sudoku_deq summed their messages with a gather over the 1,620 edges): the first
 command gave the naive RRN 1,040 puzzles/s eager and 3,883 compiled, sudoku_gnn 6,721 (6.46x / 1.73x; the 15k
 target is not met) and sudoku_deq 0.52x sudoku_gnn's speed at 0.41x its peak memory (1.73 vs 4.26 GB). The
-gather-free sum they use now (sudoku_data.peer_relu_sum) is not measured on a GPU yet.
-CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32, eager; two runs each; peak memory is CUDA
-only): the second command gives the naive RRN 75-97 puzzles/s, sudoku_gnn 181-204 (2.11-2.42x) and sudoku_deq
-0.41-0.46x sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at 3.01-3.19x the naive RRN and
-sudoku_deq at 0.80-0.81x sudoku_gnn:
+gather-free sum they use now (sudoku_data.peer_relu_sum, with its written-out backward) is not measured on a GPU yet.
+CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32, eager; two runs each, the two commands side
+by side; peak memory is CUDA only): the second command gives the naive RRN 75 puzzles/s, sudoku_gnn 158-185
+(2.12-2.48x) and sudoku_deq 0.44-0.48x sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at
+3.28-3.69x the naive RRN and sudoku_deq at 0.78-0.86x sudoku_gnn:
     python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
 """
 import gc

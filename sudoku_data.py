@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from common import user_error
 
@@ -56,23 +55,51 @@ def peer_relu_sum(a, b):
     peers of a cell are its row, column and box minus itself, and a row shares a 3-cell segment with a box (so does a
     column). Summing over the row, the column and the box (a dense 9x9 table of pairs each), then subtracting the row
     and column segments (counted twice) and the cell itself (counted 3 - 2 = once), counts every peer once. The
-    tables are recomputed in the backward (activation checkpointing), so autograd keeps only a and b; compiled, each
-    table is one fused reduction in the forward and in the backward: no (B, 81, 20, m) edge tensor in memory and no
-    scatter-add into b's gradient."""
-    return checkpoint(unit_pair_sums, a, b, use_reentrant=False)
+    backward is written out (PeerReluSum): autograd keeps only a and b, and each table is rebuilt, used and freed in
+    turn, so no (B, 81, 20, m) edge tensor is ever in memory, at most one table is, and b's gradient needs no
+    scatter-add. Compiled, each table is one fused reduction in the forward and in the backward."""
+    return PeerReluSum.apply(a, b)
 
 
-def unit_pair_sums(a, b):  # peer_relu_sum without the checkpoint
-    grid_a, grid_b = a.unflatten(1, (3, 3, 3, 3)), b.unflatten(1, (3, 3, 3, 3))  # (B, band, row, stack, column, m)
+PAIR_TERMS = (((3, 4), 1), ((1, 2), 1), ((2, 4), 1), ((4,), -1), ((2,), -1))  # row, column, box, -segments
 
-    def over(*axes):  # for every cell i: the sum of relu(a_i + b_j) over the cells j that equal i outside `axes`
-        k, last = len(axes), tuple(range(-len(axes) - 1, -1))
-        pa, pb = (t.movedim(axes, last).flatten(-k - 1, -2) for t in (grid_a, grid_b))  # (..., 3^k, m)
-        pair_sums = torch.relu(pa.unsqueeze(-2) + pb.unsqueeze(-3)).sum(-2)
-        return pair_sums.unflatten(-2, (3,) * k).movedim(last, axes)
 
-    rows, cols, boxes, row_segments, col_segments = over(3, 4), over(1, 2), over(2, 4), over(4), over(2)
-    return (rows + cols + boxes - row_segments - col_segments - torch.relu(grid_a + grid_b)).flatten(1, 4)
+def grouped(grid, axes):  # (B, band, row, stack, column, m) -> (..., 3^k, m): cells that differ only along `axes`
+    return grid.movedim(axes, tuple(range(-len(axes) - 1, -1))).flatten(-len(axes) - 1, -2)
+
+
+def ungrouped(t, axes):  # the inverse of grouped
+    return t.unflatten(-2, (3,) * len(axes)).movedim(tuple(range(-len(axes) - 1, -1)), axes)
+
+
+class PeerReluSum(torch.autograd.Function):
+    """peer_relu_sum with a hand-written backward. For the pairs (i, j) of one unit, with on_ij = [a_i + b_j > 0]:
+    dL/da_i = g_i sum_j on_ij and dL/db_j = sum_i g_i on_ij. The backward is made of differentiable ops, so a
+    double backward (the DEQ's spectral penalty) goes through it; relu's second derivative is zero."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        grid_a, grid_b = a.unflatten(1, (3, 3, 3, 3)), b.unflatten(1, (3, 3, 3, 3))
+        out = -torch.relu(grid_a + grid_b)  # the cell itself, which the terms count once
+        for axes, sign in PAIR_TERMS:
+            pa, pb = grouped(grid_a, axes), grouped(grid_b, axes)
+            out = out + sign * ungrouped(torch.relu(pa.unsqueeze(-2) + pb.unsqueeze(-3)).sum(-2), axes)
+        return out.flatten(1, 4)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid_a, grid_b = (t.unflatten(1, (3, 3, 3, 3)) for t in ctx.saved_tensors)
+        grid_g = grad.unflatten(1, (3, 3, 3, 3))
+        grad_a = -grid_g * (grid_a + grid_b > 0)
+        grad_b = grad_a.clone()
+        for axes, sign in PAIR_TERMS:
+            pa, pb, pg = (grouped(t, axes) for t in (grid_a, grid_b, grid_g))
+            with torch.no_grad():  # (..., i, j, m): 1 where relu is active (in place: no bool table, no copy)
+                on = (pa.unsqueeze(-2) + pb.unsqueeze(-3)).gt_(0).to(grad.dtype)
+            grad_a = grad_a + sign * ungrouped(pg * on.sum(-2), axes)
+            grad_b = grad_b + sign * ungrouped((on * pg.unsqueeze(-2)).sum(-3), axes)
+        return grad_a.flatten(1, 4), grad_b.flatten(1, 4)
 
 
 def is_valid_grid(grid):

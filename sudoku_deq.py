@@ -5,9 +5,11 @@ whose first layer is split into per-node projections A h_i + B h_j, summed witho
 re-reads the input). Instead of unrolling it and back-propagating through every iteration, the forward pass finds
 the fixed point h* with Anderson acceleration (or plain iteration) without an autograd graph, and the backward
 pass solves the adjoint fixed point g = g df/dh + dL/dh* with the same solver (implicit function theorem; Bai et
-al. 2019), so training memory does not grow with the number of iterations (the tensors autograd saves for one
-training step of 2 puzzles at the default width: 5.3 MB with 8 or 32 solver iterations alike, against 6.3 / 23.6
-MB for sudoku_gnn's unrolled step at 8 / 32 iterations; tests/test_sudoku_deq.py). A phantom gradient (a few damped
+al. 2019). One graph of f at h* serves both the parameters' gradient and the adjoint's vector-Jacobian products,
+and the stabiliser below works on --stab_batch puzzles of the batch, so training memory does not grow with the
+number of iterations: the peak of one training step of 8 puzzles at the default width (penalty on 1 of them, the
+default's share) is 16.6 MB with 8 or 32 solver iterations alike, against 29.9 / 98.9 MB for sudoku_gnn's unrolled
+step at 8 / 32 iterations (17% at 32; eager, CPU; tests/test_sudoku_deq.py). A phantom gradient (a few damped
 steps of f from h* with autograd; Geng et al. 2021) is the cheaper alternative behind --backward phantom. The
 loss is taken at the fixed point only (there is no unrolled trajectory to put one on), and test-time compute is
 simply more solver iterations.
@@ -16,14 +18,16 @@ DEQs can train well and then suddenly collapse when the fixed point stops being 
 of df/dh grows past 1). So the training log tracks the relative residual |f(h) - h| / |f(h)|, the iterations
 needed to reach 1e-3 and a power-iteration estimate of the spectral radius of df/dh at h*. The stabiliser on by
 default penalises that radius above --rho_target: --power_steps power steps find the dominant direction u, and
-|u^T df/dh| goes into the loss. The target sits well below 1 because the top of this spectrum is a cluster of
-near-equal eigenvalues, so a short power iteration reads low: with 5 steps and a target of 0.9 it read 0.87 where
-100 steps read 1.00, the penalty hardly fired and the radius stayed at 1.00-1.03. --stabiliser jacobian is the
-Frobenius-norm penalty of Bai et al. 2021 and --stabiliser none the ablation. A damped update h <- (1-a) h +
-a f(h) would not help (it moves an eigenvalue l to 1 - a + a l, still above 1 for a real l > 1), and a
-contraction by construction would have to bound every weight on the h path and keep the GRU's update gate z
-off 1 (df/dh contains diag(z)), far more than keeping the radius under 1 where the fixed points are. A
-non-finite loss or weight rolls the model back to the last good state and halves the learning rate; after 3 such
+|u^T df/dh| goes into the loss, computed on the first --stab_batch puzzles of each (random) batch in a graph of
+their own, so its memory and time do not grow with the batch; the log's radius comes from the last 64 puzzles,
+which it did not touch (at batches of 128 or more). The target sits well below 1 because the top of this
+spectrum is a cluster of near-equal eigenvalues, so a short power iteration reads low: with 5 steps and a target
+of 0.9 it read 0.87 where 100 steps read 1.00, the penalty hardly fired and the radius stayed at 1.00-1.03.
+--stabiliser jacobian is the Frobenius-norm penalty of Bai et al. 2021 and --stabiliser none the ablation. A
+damped update h <- (1-a) h + a f(h) would not help (it moves an eigenvalue l to 1 - a + a l, still above 1 for a
+real l > 1), and a contraction by construction would have to bound every weight on the h path and keep the GRU's
+update gate z off 1 (df/dh contains diag(z)), far more than keeping the radius under 1 where the fixed points are.
+A non-finite loss or weight rolls the model back to the last good state and halves the learning rate; after 3 such
 recoveries the run stops with a message, and the checkpoint on disk is never replaced by a broken one.
 Test-time compute: the RRN test solved rate (and share of blank cells right) after k = 1..--iters solver
 iterations, per givens count 17..34.
@@ -42,7 +46,8 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     test puzzle is solved at this scale.
     At sudoku_gnn's CPU flags and its training wall-clock the default solves nothing (0.0% where the GNN solves
     98.0% of 30-34 givens and 55.0% of all); --stab_weight 1 --lr 1e-2 solves 49-52% / 16% (3 seeds) with the
-    radius at 1.02-1.05, held at 1 rather than under it. Why: sudoku_gnn's own solutions sit at spectral radius
+    radius at 1.02-1.05, held at 1 rather than under it, and 55-72% / 18-24% with --stab_batch 8 (the penalty on a
+    quarter of each batch of 32: 1.5x the steps in the same time). Why: sudoku_gnn's own solutions sit at spectral radius
     0.99 where it solves them and above 1 on harder puzzles, and this cell trained unrolled, then solved as a DEQ,
     reaches 89.0% / 43.9% at radius 1.17: what the unrolled net learns at this scale is barely attracting, and
     holding the radius at 0.8 rules it out. Every run, ablation and not-kept idea: README, "sudoku_deq.py".
@@ -85,6 +90,7 @@ class Config:
     stab_weight: float = 10.0  # weight of the penalty in the loss
     rho_target: float = 0.8  # --stabiliser spectral: penalise the spectral radius above this
     power_steps: int = 20  # --stabiliser spectral: power-iteration steps that find the direction to penalise
+    stab_batch: int = 64  # the penalty is computed on this many puzzles of each batch (its own small graph)
     # training
     train_iters: int = 32  # solver iterations in training, forward and adjoint
     steps: int = 30000
@@ -110,8 +116,8 @@ class Config:
             raise ValueError(f"need 17 <= --min_givens <= --max_givens <= 81, got {self.min_givens}, {self.max_givens}")
         if not 0 <= self.curriculum <= 1:
             raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
-        if min(self.msg_width, self.anderson_m, self.phantom_steps, self.power_steps) < 1:
-            raise ValueError("--msg_width, --anderson_m, --phantom_steps and --power_steps must be >= 1")
+        if min(self.msg_width, self.anderson_m, self.phantom_steps, self.power_steps, self.stab_batch) < 1:
+            raise ValueError("--msg_width, --anderson_m, --phantom_steps, --power_steps and --stab_batch must be >= 1")
         if min(self.tol, self.stab_weight, self.rho_target, self.warmup) < 0:
             raise ValueError("--tol, --stab_weight, --rho_target and --warmup must be >= 0")
 
@@ -120,7 +126,7 @@ EVAL_FLAGS = ("iters", "n_test", "eval_every", "solver", "anderson_m", "tol", "d
               "out_dir", "ckpt")
 EVAL_BATCH = 1024  # puzzles per evaluation solve (Anderson keeps 2m states of each)
 VAL_N = 50  # validation puzzles per givens count for the --eval_every log
-SPEC_N = 64  # puzzles in each spectral-radius estimate
+SPEC_N = 64  # puzzles in each logged spectral-radius estimate
 LOG_TOL = 1e-3  # "solver iterations" in the log = iterations until the relative residual is below this
 PHANTOM_TAU = 0.5  # damping of the phantom-gradient steps
 CHECK_EVERY = 100  # steps between the finiteness checks (each waits for the device once)
@@ -177,18 +183,17 @@ def equilibrium(f, h0, cfg, f_fast=None):
         for _ in range(cfg.phantom_steps):
             h = (1 - PHANTOM_TAU) * h + PHANTOM_TAU * f(h)
         return h, res
-    h = f(h_star)  # one step with autograd: the parameters' gradient is g df/dtheta at h*
-    h_in = h_star.clone().requires_grad_()
-    f_in = f(h_in)  # a second graph at h*, used only for the adjoint's vector-Jacobian products
+    h_in = h_star.requires_grad_()
+    h = f(h_in)  # one step with autograd: the parameters' gradient is g df/dtheta at h*
 
     def adjoint(grad):  # dL/dh -> g solving g = g df/dh + dL/dh (implicit function theorem)
-        def step(g):
-            return torch.autograd.grad(f_in, h_in, g.to(f_in.dtype), retain_graph=True)[0] + grad
+        def step(g):  # a vector-Jacobian product through the same graph, before the backward frees it
+            return torch.autograd.grad(h, h_in, g.to(h.dtype), retain_graph=True)[0] + grad
         return solve(step, grad, cfg.train_iters, cfg.solver, cfg.anderson_m, cfg.tol)[0].to(grad.dtype)
 
-    if h.requires_grad:
-        h.register_hook(adjoint)
-    return h, res
+    out = h.view_as(h)  # the hook goes on a view: on h itself the products above would call it again
+    out.register_hook(adjoint)
+    return out, res
 
 
 def jacobian_penalty(f, h_star, generator):
@@ -296,11 +301,11 @@ def train_loss(model, quiz, sol, cfg, generator, fast_cell):
     h, res = equilibrium(model.f(x_gates), h0, cfg, f_fast=model.f(x_gates, fast_cell))
     ce = loss_fn(model.head(h), sol)
     loss = ce
+    f_sub, h_sub = model.f(x_gates[:cfg.stab_batch]), h[:cfg.stab_batch]  # a random subset: batches are random
     if cfg.stabiliser == "jacobian":
-        loss = ce + cfg.stab_weight * jacobian_penalty(model.f(x_gates), h, generator)
+        loss = ce + cfg.stab_weight * jacobian_penalty(f_sub, h_sub, generator)
     elif cfg.stabiliser == "spectral":
-        loss = ce + cfg.stab_weight * spectral_penalty(model.f(x_gates), h, generator, cfg.rho_target,
-                                                          cfg.power_steps)
+        loss = ce + cfg.stab_weight * spectral_penalty(f_sub, h_sub, generator, cfg.rho_target, cfg.power_steps)
     return loss, ce.detach(), res, h.detach(), x_gates.detach()
 
 
@@ -450,7 +455,7 @@ def main(cfg):
                 speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
                 model.eval()
                 with autocast(device, dtype):
-                    rho = spectral_radius(model.f(x_gates[:SPEC_N]), h_star[:SPEC_N])
+                    rho = spectral_radius(model.f(x_gates[-SPEC_N:]), h_star[-SPEC_N:])  # not the penalised ones
                 val_acc = evaluate(model, val, cfg, cfg.train_iters, dtype, fast_cell)[0]["all"][-1]
                 with torch.no_grad():  # blank cells right at h*: moves long before whole puzzles are solved
                     cell_acc = ((model.head(h_star).argmax(-1) + 1 == sol) & (quiz == 0)).sum() / (quiz == 0).sum()

@@ -72,7 +72,8 @@ def test_pool_puzzles_have_exactly_their_shipped_solution():
 
 
 def test_peer_relu_sum_matches_a_loop_over_peers_in_value_and_gradient():
-    """The gather-free sum over units against relu(a_i + b_j) summed over peers found from coordinates."""
+    """The gather-free sum over units against relu(a_i + b_j) summed over peers found from coordinates; its
+    hand-written backward differentiates again (the DEQ's penalty needs that) as finite differences say."""
     a, b = (torch.randn(2, 81, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     same_unit = lambda i, j: i // 9 == j // 9 or i % 9 == j % 9 or (i // 27, i % 9 // 3) == (j // 27, j % 9 // 3)
     want = torch.stack([sum(torch.relu(a[:, i] + b[:, j]) for j in range(81) if j != i and same_unit(i, j))
@@ -83,6 +84,7 @@ def test_peer_relu_sum_matches_a_loop_over_peers_in_value_and_gradient():
     grads_want, grads_got = (torch.autograd.grad((out * w).sum(), (a, b)) for out in (want, got))
     for g_want, g_got in zip(grads_want, grads_got):
         torch.testing.assert_close(g_got, g_want)
+    assert torch.autograd.gradgradcheck(sd.peer_relu_sum, (a[:1, :, :2], b[:1, :, :2]))
 
 
 def test_solver_reports_contradictions_and_validity_check_catches_errors():
