@@ -8,8 +8,8 @@ pass solves the adjoint fixed point g = g df/dh + dL/dh* with the same solver (i
 al. 2019). One graph of f at h* serves both the parameters' gradient and the adjoint's vector-Jacobian products,
 and the stabiliser below works on --stab_batch puzzles of the batch, so training memory does not grow with the
 number of iterations: the peak of one training step of 8 puzzles at the default width (penalty on 1 of them, the
-default's share) is 16.6 MB with 8 or 32 solver iterations alike, against 29.9 / 98.9 MB for sudoku_gnn's unrolled
-step at 8 / 32 iterations (17% at 32; eager, CPU; tests/test_sudoku_deq.py). A phantom gradient (a few damped
+default's share) is 14.7 MB with 8 or 32 solver iterations alike, against 29.9 / 98.9 MB for sudoku_gnn's unrolled
+step at 8 / 32 iterations (15% at 32; eager, CPU; tests/test_sudoku_deq.py). A phantom gradient (a few damped
 steps of f from h* with autograd; Geng et al. 2021) is the cheaper alternative behind --backward phantom. The
 loss is taken at the fixed point only (there is no unrolled trajectory to put one on), and test-time compute is
 simply more solver iterations.
@@ -46,12 +46,13 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     test puzzle is solved at this scale.
     At sudoku_gnn's CPU flags and its training wall-clock the default solves nothing (0.0% where the GNN solves
     98.0% of 30-34 givens and 55.0% of all); --stab_weight 1 --lr 1e-2 solves 49-52% / 16% (3 seeds) with the
-    radius at 1.02-1.05, held at 1 rather than under it, and 55-72% / 18-24% with --stab_batch 8 (the penalty on a
-    quarter of each batch of 32: 1.5x the steps in the same time). Why: sudoku_gnn's own solutions sit at spectral radius
-    0.99 where it solves them and above 1 on harder puzzles, and this cell trained unrolled, then solved as a DEQ,
-    reaches 89.0% / 43.9% at radius 1.17: what the unrolled net learns at this scale is barely attracting, and
+    radius at 1.02-1.05, held at 1 rather than under it, and 52-72% / 17-24% with --stab_batch 8 (the penalty on a
+    quarter of each batch of 32: 1.5x the steps in the same time). Why: sudoku_gnn's own solutions sit at spectral
+    radius 0.99 where it solves them and above 1 on harder puzzles, and this cell trained unrolled, then solved as a
+    DEQ, reaches 89.0% / 43.9% at radius 1.17: what the unrolled net learns at this scale is barely attracting, and
     holding the radius at 0.8 rules it out. Every run, ablation and not-kept idea: README, "sudoku_deq.py".
 """
+import itertools
 import math
 import os
 import sys
@@ -139,24 +140,29 @@ PLOT_GROUPS = ("17", "20", "23", "26", "30", "34")
 def iterates(f, x, method="anderson", m=5, lam=1e-4):
     """Yields (x_k, f(x_k)) for k = 1, 2, ...  Plain iteration: x_{k+1} = f(x_k). Anderson: x_{k+1} = sum_i a_i
     f(x_i) over the last m iterates, with weights a (summing to 1) that make the mixed residual
-    sum_i a_i (f(x_i) - x_i) smallest: a = H^-1 1 / (1^T H^-1 1), H = G G^T + ridge (G = stacked residuals)."""
-    shape, xs, fs = x.shape, [], []
+    sum_i a_i (f(x_i) - x_i) smallest: a = H^-1 1 / (1^T H^-1 1), H = G G^T + ridge (G = stacked residuals).
+    The last m values of f and residuals live in two fixed buffers, the newest overwriting the oldest (the mix
+    does not depend on their order): no stacking copies in every iteration."""
+    shape = x.shape
     x = x.float().flatten(1)  # (B, N): each puzzle is its own fixed-point problem, mixed with its own weights
-    while True:
+    fs = gs = None
+    for k in itertools.count():
         fx = f(x.view(shape)).float().flatten(1)  # fp32: the mixing solves a small linear system
         yield x.view(shape), fx.view(shape)
         if method == "plain":
             x = fx
             continue
-        xs, fs = (xs + [x])[-m:], (fs + [fx])[-m:]
+        if fs is None:
+            fs, gs = torch.empty(2, len(x), m, x.shape[1], device=x.device)  # (B, m, N) each
+        fs[:, k % m], gs[:, k % m] = fx, fx - x
+        n = min(k + 1, m)
         with torch.autocast(x.device.type, enabled=False):  # a bf16 mix would stall the residual near 1e-3
-            fstack = torch.stack(fs, 1)  # (B, n, N)
-            g = fstack - torch.stack(xs, 1)
+            g = gs[:, :n]  # (B, n, N)
             h = g @ g.transpose(1, 2)  # (B, n, n)
             ridge = lam * h.diagonal(dim1=1, dim2=2).mean(1) + 1e-10  # relative, so it fits any residual scale
-            h = h + ridge[:, None, None] * torch.eye(len(fs), device=x.device)
+            h = h + ridge[:, None, None] * torch.eye(n, device=x.device)
             a = torch.linalg.solve_ex(h, torch.ones_like(h[..., :1]))[0]  # _ex: no error check, no GPU wait
-            x = (a / a.sum(1, keepdim=True)).transpose(1, 2).bmm(fstack).squeeze(1)
+            x = (a / a.sum(1, keepdim=True)).transpose(1, 2).bmm(fs[:, :n]).squeeze(1)
 
 
 def rel_residual(x, fx):  # -> (B,) |f(x) - x| / |f(x)| per puzzle
