@@ -91,8 +91,7 @@ class PeerReluSum(torch.autograd.Function):
     def backward(ctx, grad):
         grid_a, grid_b = (t.unflatten(1, (3, 3, 3, 3)) for t in ctx.saved_tensors)
         grid_g = grad.unflatten(1, (3, 3, 3, 3))
-        grad_a = -grid_g * (grid_a + grid_b > 0)
-        grad_b = grad_a.clone()
+        grad_a = grad_b = -grid_g * (grid_a + grid_b > 0)  # the cell itself; the sums below make new tensors
         for axes, sign in PAIR_TERMS:
             pa, pb, pg = (grouped(t, axes) for t in (grid_a, grid_b, grid_g))
             with torch.no_grad():  # (..., i, j, m): 1 where relu is active (in place: no bool table, no copy)
