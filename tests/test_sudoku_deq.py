@@ -1,9 +1,5 @@
 """sudoku_deq.py: the implicit gradient is the true gradient of the fixed point, Anderson beats plain iteration,
 the stability estimates match exact values, and a non-finite step rolls back or stops without a broken checkpoint."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,7 +9,6 @@ import sudoku_deq as sq
 import sudoku_gnn as sg
 from common import parse_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--width", "16", "--msg_width", "16", "--train_iters", "3", "--iters", "3",
         "--batch_size", "8", "--n_test", "1", "--lr", "1e-2", "--warmup", "1"]
 
@@ -258,7 +253,7 @@ def test_persistent_nan_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
-def test_forward_converges_and_wrong_checkpoint_exits_2(tmp_path):
+def test_forward_converges_and_wrong_checkpoint_exits_2(tmp_path, capsys):
     """The untrained cell is contractive: the residual falls over the solver iterations; weights that do not fit
     the saved config are a one-line error."""
     torch.manual_seed(0)
@@ -270,6 +265,8 @@ def test_forward_converges_and_wrong_checkpoint_exits_2(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["config"]["width"] = 24
     torch.save(ckpt, tmp_path / "wrong.pt")
-    proc = subprocess.run([sys.executable, "sudoku_deq.py", "--ckpt", str(tmp_path / "wrong.pt"), "--device", "cpu",
-                           "--out_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "do not fit" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as e:
+        sq.main(parse_config(sq.Config, ["--ckpt", str(tmp_path / "wrong.pt"), "--device", "cpu",
+                                         "--out_dir", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and "do not fit" in err, err

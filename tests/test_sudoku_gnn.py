@@ -1,9 +1,5 @@
 """sudoku_gnn.py: the message passing follows the peer graph, a tiny CPU model learns to solve easy puzzles and
 improves with iterations, and the `--puzzles` / `--ckpt` paths handle good and bad user input."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -11,7 +7,6 @@ import sudoku_data as sd
 import sudoku_gnn as sg
 from common import parse_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EASY = 60  # givens of the held-out easy puzzles in the learning test
 
 
@@ -42,14 +37,13 @@ def reveal(quiz, sol, givens, seed):
     return torch.where(keys.argsort(1).argsort(1) < extra, sol, quiz)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_tiny_model_learns_easy_puzzles(seed, tmp_path):
+def test_tiny_model_learns_easy_puzzles(tmp_path):
     """Trained 100 steps on 50-60 givens with 6 iterations, it solves held-out validation puzzles topped up to
     60 givens (21 blanks, chance ~1e-20), far more of them after 12 iterations than after 1."""
     cfg = parse_config(sg.Config, ["--device", "cpu", "--width", "32", "--msg_width", "32", "--train_iters", "6",
                                    "--iters", "12", "--steps", "100", "--batch_size", "32", "--lr", "2e-2",
                                    "--warmup", "10", "--curriculum", "0", "--min_givens", "50", "--max_givens", "60",
-                                   "--n_test", "1", "--n_overthink", "0", "--eval_every", "0", "--seed", str(seed),
+                                   "--n_test", "1", "--n_overthink", "0", "--eval_every", "0", "--seed", "0",
                                    "--out_dir", str(tmp_path)])
     sg.main(cfg)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -60,13 +54,20 @@ def test_tiny_model_learns_easy_puzzles(seed, tmp_path):
     with torch.no_grad():
         pred = model.eval()(quiz, 12)[0].argmax(-1) + 1  # (12, 50, 81)
     solved = [(sd.is_valid_grid(p) & (p == sol).all(1)).float().mean().item() for p in pred]
-    assert solved[-1] >= 0.5, solved  # seeds 0-2 reach 0.78-1.0
+    assert solved[-1] >= 0.5, solved  # seeds 0-3 reach 0.78, 1.0, 0.96, 1.0 (0.0 after one iteration)
     assert solved[-1] >= solved[0] + 0.4, solved
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "sudoku_gnn.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+def run_cli(capsys, *args):
+    """`python sudoku_gnn.py ARGS` in this process (its __main__ is exactly this call) -> (exit code, stdout, stderr).
+    tests/test_scripts.py runs the real command line for every script."""
+    try:
+        sg.main(parse_config(sg.Config, list(args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +79,16 @@ def tiny_ckpt(tmp_path_factory):
     return str(out / "ckpt.pt")
 
 
-def test_puzzles_file_prints_each_solution(tiny_ckpt, tmp_path):
+def test_puzzles_file_prints_each_solution(tiny_ckpt, tmp_path, capsys):
     quiz, sol = sd.load_test_set(sd.RRN_TEST, 1)[34]
     easy = sol.copy()
     easy[0, :3] = 0  # three blanks with a unique answer
     path = tmp_path / "mine.txt"
     path.write_text("".join(map(str, easy[0])).replace("0", ".") + "\n" + "".join(map(str, quiz[0])) + "\n")
-    proc = run_cli("--ckpt", tiny_ckpt, "--puzzles", str(path), "--iters", "4", "--device", "cpu",
-                   "--out_dir", str(tmp_path / "o"))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    code, out, err = run_cli(capsys, "--ckpt", tiny_ckpt, "--puzzles", str(path), "--iters", "4", "--device", "cpu",
+                             "--out_dir", str(tmp_path / "o"))
+    assert code == 0, err
+    lines = out.strip().splitlines()
     rows = [line.split() for line in lines if line.startswith(("1: ", "2: "))]
     assert len(rows) == 2
     for row, q in zip(rows, (easy[0], quiz[0])):  # the printed flags agree with an independent check of the grid
@@ -105,15 +106,16 @@ def test_puzzles_file_prints_each_solution(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("content,message", [("123\n", ":1: a puzzle needs 81 characters"),
                                              ("0" * 81 + "," + "1" * 81 + "\n", ":1: the solution is not a valid")])
-def test_malformed_puzzle_file_exits_2(tiny_ckpt, tmp_path, content, message):
+def test_malformed_puzzle_file_exits_2(tiny_ckpt, tmp_path, capsys, content, message):
     path = tmp_path / "bad.txt"
     path.write_text(content)
-    proc = run_cli("--ckpt", tiny_ckpt, "--puzzles", str(path), "--device", "cpu", "--out_dir", str(tmp_path / "o"))
-    assert proc.returncode == 2 and proc.stderr.startswith("error:") and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "--ckpt", tiny_ckpt, "--puzzles", str(path), "--device", "cpu",
+                           "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_bad_checkpoints_exit_2(tiny_ckpt, tmp_path):
+def test_bad_checkpoints_exit_2(tiny_ckpt, tmp_path, capsys):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     ckpt["config"]["width"] = 24  # the weights no longer fit the model the config builds
     wrong = tmp_path / "wrong.pt"
@@ -122,10 +124,10 @@ def test_bad_checkpoints_exit_2(tiny_ckpt, tmp_path):
     garbage.write_text("not a checkpoint")
     for path, message in ((tmp_path / "missing.pt", "does not exist"), (wrong, "do not fit"),
                           (garbage, "could not be read")):
-        proc = run_cli("--ckpt", str(path), "--device", "cpu", "--out_dir", str(tmp_path / "o"))
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    proc = run_cli("--puzzles", "x.txt")
-    assert proc.returncode == 2 and "--puzzles needs --ckpt" in proc.stderr
+        code, _, err = run_cli(capsys, "--ckpt", str(path), "--device", "cpu", "--out_dir", str(tmp_path / "o"))
+        assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "--puzzles", "x.txt")
+    assert code == 2 and "--puzzles needs --ckpt" in err
 
 
 def test_puzzles_file_with_solutions_reports_matches(tiny_ckpt, tmp_path, capsys):
