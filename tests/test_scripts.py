@@ -103,13 +103,17 @@ def test_end_to_end(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_compiled_run_writes_a_plain_checkpoint(script, tmp_path, monkeypatch):
     """On CUDA each script compiles its hot function and runs under bf16 autocast. Here both are forced on the CPU
-    (torch.compile with the eager backend: the same tracing, no code generation): the run must work, and its
-    checkpoint must load into an uncompiled fp32 model."""
-    module = importlib.import_module(script)
-    monkeypatch.setattr(module, "maybe_compile", lambda fn, enabled, device: torch.compile(fn, backend="eager"))
+    (torch.compile with a backend that runs the traced graph as it is and counts it: the same tracing, no code
+    generation): the run must work, training and evaluation must need fewer compiled versions than Dynamo's limit
+    of 8 (past it, Dynamo silently runs the function uncompiled), and the checkpoint must load into an uncompiled
+    fp32 model."""
+    import torch._dynamo.testing
+    module, counter = importlib.import_module(script), torch._dynamo.testing.CompileCounter()
+    monkeypatch.setattr(module, "maybe_compile", lambda fn, enabled, device: torch.compile(fn, backend=counter))
     args = SCRIPTS[script][0]
     out = str(tmp_path / "run")
     run(script, args + ["--out_dir", out, "--device", "cpu", "--dtype", "bfloat16"])
+    assert counter.frame_count < 8, counter.frame_count
     monkeypatch.undo()
     run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"),
                  "--device", "cpu"])
