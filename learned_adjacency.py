@@ -221,8 +221,7 @@ class Cell(nn.Module):
         d, m = cfg.width, cfg.msg_width
         self.m = m
         self.from_h = nn.Linear(d, 2 * m + 3 * d)  # A h_i, B h_j (first message layer, split) and the GRU's h gates
-        # the mean over K neighbours is nearly the same vector for every cell (a digit histogram); normalised, the
-        # small differences that carry the information are what the GRU sees, and the GNN learns to use them faster
+        # the mean over K neighbours is much the same digit histogram for every cell; normalised, its differences show
         self.norm = nn.LayerNorm(m)
         self.from_msg = nn.Linear(m, 3 * d, bias=False)  # second message layer folded into the GRU's input gates
 
@@ -421,6 +420,7 @@ def main(cfg):
         cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    torch.backends.mha.set_fastpath_enabled(False)  # torch 2.4: the sampler's fused eval path fails under CPU autocast
     set_seed(cfg.seed)
     model = Model(cfg).to(device)
     opt = torch.optim.AdamW([{"params": model.gnn.parameters(), "lr": cfg.lr, "base_lr": cfg.lr, "decay": True},
