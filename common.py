@@ -37,7 +37,8 @@ def parse_config(config_cls, argv=None):
     """Build an argparse CLI from a Config dataclass: --snake_case and --kebab-case, bools as --x/--no-x.
     Range checks: every float finite, the common names above, plus the dataclass's own __post_init__ (raise
     ValueError there). A command-line run also treats SIGTERM (`timeout`, a batch scheduler) like Ctrl-C, so the
-    training loop's KeyboardInterrupt handler saves a checkpoint before the process ends."""
+    training loop's KeyboardInterrupt handler saves a checkpoint before the process ends; an interrupt after
+    training prints one line, not a traceback."""
     parser = _Parser(description=sys.modules[config_cls.__module__].__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(config_cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -62,7 +63,17 @@ def parse_config(config_cls, argv=None):
     except ValueError as e:
         user_error(str(e))
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.excepthook = _interrupt_in_one_line
     return cfg
+
+
+def _interrupt_in_one_line(exc_type, exc, tb):
+    """Ctrl-C or SIGTERM outside the training loop (during evaluation or plotting; training has saved its checkpoint
+    by then): one line instead of a traceback. Python still exits with the interrupt's status (130)."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted: the run stopped before it finished; checkpoints it saved are kept", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def set_seed(seed):

@@ -1,5 +1,8 @@
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +97,17 @@ def test_weights_that_do_not_fit_exit_2(capsys):
         load_weights(model, torch.nn.Linear(5, 4).state_dict())
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "do not fit" in err and "\n" not in err
+
+
+def test_an_interrupt_after_training_is_one_line_not_a_traceback(tmp_path):
+    """SIGTERM while a script evaluates (its training loop has saved the checkpoint and exited): one line on stderr
+    and the interrupt's exit status, as a Ctrl-C during training gives."""
+    script = tmp_path / "run.py"
+    script.write_text("import dataclasses, os, signal\nfrom common import parse_config\n"
+                      "@dataclasses.dataclass\nclass Config:\n    iters: int = 4\n"
+                      "parse_config(Config, [])\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env={**os.environ,
+                         "PYTHONPATH": root})
+    assert run.returncode in (130, -signal.SIGINT), run.stderr
+    assert run.stderr.startswith("interrupted") and run.stderr.count("\n") == 1, run.stderr
