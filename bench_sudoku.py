@@ -1,18 +1,20 @@
 """Training throughput and peak memory of the sudoku models, measured in one process on one device, as ratios.
 
-Machines are shared and absolute speeds drift, so every number here comes with a baseline timed in the same run:
-a naive recurrent relational network (the Palm et al. 2018 update as it is usually first written: a message MLP on
-the concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM
-update that re-reads the input, the loss after every iteration), eager and compiled, against one real training step
-of sudoku_gnn.py (with its progressive depth and --settle iteration) and of sudoku_deq.py (forward solve, implicit
+Machines are shared and absolute speeds drift, so every number here comes with a baseline timed in the same run: a
+naive recurrent relational network (the Palm et al. 2018 update as it is usually first written: a message MLP on the
+concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM update
+that re-reads the input, the loss after every iteration), eager and compiled, against one real training step of
+sudoku_gnn.py (with its progressive depth and --settle iteration) and of sudoku_deq.py (forward solve, implicit
 backward, spectral penalty) at the same width and iterations. The baseline is lighter than RRN itself (a 2-layer
-message MLP, no input MLP), so the ratios understate the gain; what they isolate is sudoku_gnn's factorised message
-(per-node projections before the gather) and its compiled cell. Each model runs --warmup untimed steps (torch.compile
-happens there), then --steps timed ones on batches from the training sampler. The eager baseline runs at batch 64,
-the compiled one at --batch_size, like the two models. Writes out/bench_sudoku/results.json after every model (a
-failed one is recorded and the rest still run): puzzles/s, ms per step, the peak memory of the timed steps and what
-was resident before them (CUDA), and the ratios sudoku_gnn / naive (sudoku_gnn's target: >= 15k puzzles/s at width
-96 and 32 iterations) and sudoku_deq / sudoku_gnn in speed and peak memory (sudoku_deq's target: <= 25%).
+message MLP, no input MLP), so the ratios understate the gain; they measure sudoku_gnn's whole design against it:
+the factorised message with its gather-free peer sum, the compiled cell, and a GRU with a normalised message sum in
+place of the LSTM (plus its progressive and --settle iterations, which the baseline does not pay for). Each model
+runs --warmup untimed steps (torch.compile happens there), then --steps timed ones on batches from the training
+sampler. The eager baseline runs at batch 64, the compiled one at --batch_size, like the two models. Writes
+out/bench_sudoku/results.json after every model (a failed one is recorded and the rest still run): puzzles/s, ms per
+step, the peak memory of the timed steps and what was resident before them (CUDA), and the ratios sudoku_gnn / naive
+(sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations) and sudoku_deq / sudoku_gnn in speed and peak
+memory (sudoku_deq's target: <= 25%).
 
     python bench_sudoku.py                              # CUDA: width 96, 32 iterations, batch 512 (naive eager 64)
     python bench_sudoku.py --device cpu --width 32 --msg_width 32 --train_iters 8 --batch_size 32 --naive_batch 32

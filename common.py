@@ -36,9 +36,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(config_cls, argv=None):
     """Build an argparse CLI from a Config dataclass: --snake_case and --kebab-case, bools as --x/--no-x.
     Range checks: every float finite, the common names above, plus the dataclass's own __post_init__ (raise
-    ValueError there). A command-line run also treats SIGTERM (`timeout`, a batch scheduler) like Ctrl-C, so the
-    training loop's KeyboardInterrupt handler saves a checkpoint before the process ends; an interrupt after
-    training prints one line, not a traceback."""
+    ValueError there). A command-line run also treats SIGTERM (`timeout`, a batch scheduler) like Ctrl-C (training
+    loops catch both with StopAfterStep), and an interrupt outside training prints one line, not a traceback."""
     parser = _Parser(description=sys.modules[config_cls.__module__].__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(config_cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -58,6 +57,11 @@ def parse_config(config_cls, argv=None):
     for name in NON_NEGATIVE:
         if name in args and args[name] < 0:
             user_error(f"--{name} must be >= 0, got {args[name]}")
+    for name, value in args.items():
+        if name.endswith("seed") and not 0 <= value < 2 ** 32:  # numpy's range
+            user_error(f"--{name} must be in 0..2**32-1, got {value}")
+    if "out_dir" in args:
+        check_out_dir(args["out_dir"])
     try:
         cfg = config_cls(**args)
     except ValueError as e:
@@ -67,6 +71,16 @@ def parse_config(config_cls, argv=None):
     return cfg
 
 
+def check_out_dir(path):
+    """Before any work: --out_dir must be a directory that exists or can be made, so an unusable one is found now,
+    not when training ends and its checkpoint has nowhere to go. Nothing is created here."""
+    probe = os.path.abspath(path) if path else ""
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not probe or not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        user_error(f"--out_dir {path!r} cannot be used: {probe or 'empty path'} is not a writable directory")
+
+
 def _interrupt_in_one_line(exc_type, exc, tb):
     """Ctrl-C or SIGTERM outside the training loop (during evaluation or plotting; training has saved its checkpoint
     by then): one line instead of a traceback. Python still exits with the interrupt's status (130)."""
@@ -74,6 +88,28 @@ def _interrupt_in_one_line(exc_type, exc, tb):
         print("interrupted: the run stopped before it finished; checkpoints it saved are kept", file=sys.stderr)
     else:
         sys.__excepthook__(exc_type, exc, tb)
+
+
+class StopAfterStep:
+    """`with StopAfterStep() as stop:` around a training loop that reads `stop.requested` between steps. The first
+    Ctrl-C or SIGTERM only sets it, so the checkpoint the loop then writes holds whole steps: weights, optimizer,
+    step count and random streams agree, and --resume goes on exactly as an uninterrupted run would. A second one
+    interrupts at once (the checkpoint on disk stays as it was)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._before = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (interrupt again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
 
 
 def set_seed(seed):
@@ -169,6 +205,28 @@ def load_checkpoint(path, config_cls):
     if not isinstance(ckpt, dict) or {"model", "config"} - ckpt.keys() or set(ckpt["config"]) != fields:
         user_error(f"checkpoint {path} was not written by {config_cls.__module__}.py (config fields differ)")
     return ckpt
+
+
+def resume_checkpoint(path, config_cls, cfg, may_change):
+    """--resume continues the run saved at `path`, so every flag but the step budget, the log interval and those in
+    `may_change` (evaluation and system flags) must be as saved: a changed --lr would be overridden by the saved
+    optimizer state, a changed data flag would train on other data, and results.json would report neither."""
+    ckpt = load_checkpoint(path, config_cls)
+    changed = [f"--{k} {getattr(cfg, k)} (saved: {v})" for k, v in ckpt["config"].items()
+               if k not in (*may_change, "steps", "eval_every", "resume") and getattr(cfg, k) != v]
+    if changed:
+        user_error(f"--resume continues the run in {path} with its own flags, but {', '.join(changed)}; "
+                   f"resume without them or start a new run in another --out_dir")
+    return ckpt
+
+
+def set_generator_state(generator, state):
+    """Restore a saved generator state; one saved on another device type (CPU and CUDA states differ) is a user
+    error, not a traceback."""
+    try:
+        generator.set_state(state.to(generator.get_state().device))
+    except RuntimeError:
+        user_error("the checkpoint's random streams were saved on another device type; --resume it on that one")
 
 
 def load_weights(model, weights):

@@ -45,7 +45,8 @@ CPU results (one thread of a shared 2-core machine, so seconds are noisy; steps 
     --p 113: 28, 25, 27, 26, 29 (median 27; 33)
     --op sub: 53, 67, 50, 49, 61 (median 53; 57)
   Against the Power recipe (seeds 0-1: python grokking_mod97.py --n_seeds 2 --compare_power --steps 3000 --device
-    cpu, run beside an earlier default): Power 99% at steps 1,496 and 2,241, the default 27 and 27: 69x fewer steps.
+    cpu, run beside an earlier default): Power 99% at steps 1,496 and 2,241, the default 27 and 27: 69x fewer steps
+    (7.5x fewer training examples: a default step takes all 4,704 training pairs, a Power step 512).
   Tuning (seeds 10-14, kept apart from the seeds reported above; medians of steps to 99%). On two blocks: an
     earlier default (lr 2e-2, Muon momentum 0.95, update RMS 0.35, weight decay 1.5) 37; --muon_momentum 0.9: 33,
     0.85: 32, 0.8: 34; --lr 2.5e-2: 34; --warmup 5: 37, 0: 46; momentum 0.9 with lr 2.5e-2: 31 (kept), with lr
@@ -78,9 +79,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
-                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress,
+                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+                    resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
+                    write_results)
 
 # the recipe of Power et al. (2022); `--recipe power` overrides these flags with it
 POWER = dict(optimizer="adamw", lr=1e-3, weight_decay=1.0, beta1=0.9, beta2=0.98, batch_size=512, warmup=10,
@@ -141,8 +143,9 @@ class Config:
             raise ValueError(f"--p must be >= 2, got {self.p}")
         if not 0 < self.train_frac < 1:
             raise ValueError(f"--train_frac must be in (0, 1), got {self.train_frac}")
-        if self.width % self.n_heads or self.n_layers < 1 or self.n_heads < 1:
-            raise ValueError(f"--width {self.width} must be a multiple of --n_heads {self.n_heads} (both >= 1)")
+        if self.n_layers < 1 or self.n_heads < 1 or self.width % self.n_heads:
+            raise ValueError(f"--width {self.width} must be a multiple of --n_heads {self.n_heads}, --n_layers "
+                             f"{self.n_layers} >= 1")
         if self.embed_std <= 0:
             raise ValueError(f"--embed_std must be > 0, got {self.embed_std}")
         if not 0 < self.target <= 1 or self.n_seeds < 1 or self.warmup < 0 or self.grokfast < 0:
@@ -315,8 +318,9 @@ def first_step(curve, level):
     return int(hits[0]) + 1 if len(hits) else None
 
 
-def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
-    """Train one seed to --target or --steps. Returns the model and a summary with its per-step history."""
+def train_seed(cfg, seed, data, device, dtype, state=None, stop=None):
+    """Train one seed to --target or --steps. Returns the model, its checkpoint state and a summary with its per-step
+    history; the summary is None when `stop` (a StopAfterStep) ended the seed early."""
     set_seed(seed)
     model = Net(cfg).to(device)
     opt = make_optimizer(cfg, model)
@@ -332,7 +336,7 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
             e.copy_(saved)
         step, time_before = state["step"], state["train_time_s"]
         hist[:min(step, cfg.steps)] = state["hist"][:cfg.steps].to(device)
-        gen.set_state(state["data_rng"])
+        set_generator_state(gen, state["data_rng"])
         set_rng_state(state["rng"])
     fwd = maybe_compile(model, cfg.compile, device)
     xtr, ytr, xva, yva = data
@@ -349,55 +353,54 @@ def train_seed(cfg, seed, data, device, dtype, state=None, on_interrupt=None):
     t0, start, checked = time.time(), step, step
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"seed {seed}", file=sys.stdout,
                disable=None, leave=False)
-    try:
-        for i in bar:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (i + 1) / max(cfg.warmup, 1))
-            if bs < n:
-                idx = torch.randperm(n, generator=gen, device=device)[:bs]
-                x, y = xtr[idx], ytr[idx]  # (bs, 4), (bs,)
-            else:
-                x, y = xtr, ytr
-            with autocast(device, dtype):
-                logits = fwd(x, cfg.train_iters)  # (train_iters, bs, p)
-                loss = loss_fn(logits, y, cfg.stablemax)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                if cfg.perp_grad:  # the parallel component only rescales w; weight decay does that job
-                    for w in params:
-                        w.grad.sub_(w * ((w.grad * w).sum() / (w * w).sum().clamp(min=1e-12)))
-                if cfg.grokfast:  # amplify the slowly varying part of the gradient (Lee et al. 2024)
-                    for w, e in zip(params, ema):
-                        e.lerp_(w.grad, 1 - cfg.grokfast_alpha)
-                        w.grad.add_(e, alpha=cfg.grokfast)
-            opt.step()
-            with torch.no_grad():
-                train_acc = (logits[-1].argmax(-1) == y).float().mean()
-                val_acc = accuracy(fwd, xva, yva, cfg.train_iters, device, dtype)[-1]
-                norms = torch.stack(torch._foreach_norm(params))  # one fused launch, not one per tensor
-                hist[i] = torch.stack([train_acc, val_acc, norms.norm(), model.head.weight.norm()])
-            step = i + 1
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                # the only host sync in the loop
-                tr, va, best = torch.stack([hist[i, 0], hist[i, 1], hist[checked:step, 1].max()]).tolist()
-                checked = step
-                log_progress(bar, step, loss=f"{loss.item():.3f}", train=f"{tr:.3f}", val=f"{va:.3f}",
-                             samples_per_s=f"{(step - start) * bs / (time.time() - t0):.0f}")
-                # any step since the last check counts: validation accuracy is spiky around the target
-                if best >= cfg.target:
-                    seconds_to_target = time_before + time.time() - t0
-                    break
-    except KeyboardInterrupt:
-        if on_interrupt is not None:
-            on_interrupt(snapshot())
-        print(f"interrupted at step {step}")
-        sys.exit(130)
+    for i in bar:
+        if stop is not None and stop.requested:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (i + 1) / max(cfg.warmup, 1))
+        if bs < n:
+            idx = torch.randperm(n, generator=gen, device=device)[:bs]
+            x, y = xtr[idx], ytr[idx]  # (bs, 4), (bs,)
+        else:
+            x, y = xtr, ytr
+        with autocast(device, dtype):
+            logits = fwd(x, cfg.train_iters)  # (train_iters, bs, p)
+            loss = loss_fn(logits, y, cfg.stablemax)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            if cfg.perp_grad:  # the parallel component only rescales w; weight decay does that job
+                for w in params:
+                    w.grad.sub_(w * ((w.grad * w).sum() / (w * w).sum().clamp(min=1e-12)))
+            if cfg.grokfast:  # amplify the slowly varying part of the gradient (Lee et al. 2024)
+                for w, e in zip(params, ema):
+                    e.lerp_(w.grad, 1 - cfg.grokfast_alpha)
+                    w.grad.add_(e, alpha=cfg.grokfast)
+        opt.step()
+        with torch.no_grad():
+            train_acc = (logits[-1].argmax(-1) == y).float().mean()
+            val_acc = accuracy(fwd, xva, yva, cfg.train_iters, device, dtype)[-1]
+            norms = torch.stack(torch._foreach_norm(params))  # one fused launch, not one per tensor
+            hist[i] = torch.stack([train_acc, val_acc, norms.norm(), model.head.weight.norm()])
+        step = i + 1
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            # the only host sync in the loop
+            tr, va, best = torch.stack([hist[i, 0], hist[i, 1], hist[checked:step, 1].max()]).tolist()
+            checked = step
+            log_progress(bar, step, loss=f"{loss.item():.3f}", train=f"{tr:.3f}", val=f"{va:.3f}",
+                         samples_per_s=f"{(step - start) * bs / (time.time() - t0):.0f}")
+            # any step since the last check counts: validation accuracy is spiky around the target
+            if best >= cfg.target:
+                seconds_to_target = time_before + time.time() - t0
+                break
     sync(device)
     bar.close()
     state = snapshot()
+    if seconds_to_target is None and step < cfg.steps:
+        return model, state, None
     curve = hist[:step].cpu()
-    summary = {"seed": seed, "steps_run": step, "train_time_s": state["train_time_s"],
+    summary = {"seed": seed, "steps_run": step, "reached_target": seconds_to_target is not None,
+               "train_time_s": state["train_time_s"],
                "samples_per_s": (step - start) * bs / max(time.time() - t0, 1e-9),
                "steps_to_95": first_step(curve[:, 1], 0.95), "steps_to_99": first_step(curve[:, 1], 0.99),
                "seconds_to_99": seconds_to_target if cfg.target == 0.99 else None,
@@ -468,34 +471,44 @@ def main(cfg):
                     **saved["results"].get("headline", {})}
         train_time, samples_per_s = (saved["results"].get(k, 0.0) for k in ("train_time_s", "samples_per_s"))
     else:
-        runs, resume_state, first = [], None, 0
-        if cfg.resume:
-            state = load_checkpoint(ckpt_path, Config)
-            runs, first = state["runs"], state["seed_index"]
-            resume_state = state
-        models = []
+        runs, models, resume_state = [], [], None
+        if cfg.resume:  # "runs" holds the finished seeds; the state is the seed at seed_index, finished or not
+            resume_state = resume_checkpoint(ckpt_path, Config, cfg, (*EVAL_FLAGS, "n_seeds", "compare_power"))
+            runs = resume_state["runs"][:cfg.n_seeds]
+            last = runs[-1] if len(runs) == resume_state["seed_index"] + 1 else None
+            if last and not last["reached_target"] and last["steps_run"] < cfg.steps:
+                runs = runs[:-1]  # it stopped at an earlier --steps: train it on to this one
 
-        def save(state, runs_done, index, results):
-            save_checkpoint(ckpt_path, {**state, "config": asdict(cfg), "runs": runs_done, "seed_index": index,
-                                        "results": results})
+        def save(state, k):
+            save_checkpoint(ckpt_path, {**state, "config": asdict(cfg), "runs": runs, "seed_index": k,
+                                        "results": {"headline": summarize(runs)} if runs else {}})
 
-        for k in range(first, cfg.n_seeds):
-            seed = cfg.seed + k
-            done = runs[:k]
-            model, state, summary = train_seed(
-                cfg, seed, data, device, dtype, resume_state if k == first else None,
-                on_interrupt=lambda s, done=done, k=k: save(s, done, k, {}))
-            runs = done + [summary]
-            save(state, runs, k, {"headline": summarize(runs)})
-            models.append(model)
-            print(f"seed {seed}: steps to 95% {summary['steps_to_95']}, to 99% {summary['steps_to_99']}, "
-                  f"{summary['train_time_s']:.1f} s")
+        with StopAfterStep() as stop:
+            for k in range(len(runs), cfg.n_seeds):
+                in_progress = resume_state is not None and resume_state["seed_index"] == k
+                model, state, summary = train_seed(cfg, cfg.seed + k, data, device, dtype,
+                                                   resume_state if in_progress else None, stop)
+                runs = runs + [summary] if summary else runs
+                save(state, k)
+                if stop.requested:
+                    print(f"interrupted: seed {cfg.seed + k} at step {state['step']}, saved to {ckpt_path}")
+                    sys.exit(130)
+                models.append(model)
+                print(f"seed {cfg.seed + k}: steps to 95% {summary['steps_to_95']}, to 99% "
+                      f"{summary['steps_to_99']}, {summary['train_time_s']:.1f} s")
+            if cfg.compare_power:  # same seeds, same harness, no checkpoints
+                power = [train_seed(replace(cfg, recipe="power"), cfg.seed + k, data, device, dtype, stop=stop)[2]
+                         for k in range(cfg.n_seeds)]
+                if stop.requested:
+                    print("interrupted during the Power recipe's runs (not checkpointed)")
+                    sys.exit(130)
+        if not models:  # every seed had finished before this --resume: evaluate the last one
+            models = [Net(cfg).to(device)]
+            load_weights(models[0], resume_state["model"])
         headline = summarize(runs)
         train_time = sum(r["train_time_s"] for r in runs)
         samples_per_s = statistics.mean(r["samples_per_s"] for r in runs)
-        if cfg.compare_power:  # same seeds, same harness, no checkpoints
-            power_cfg = replace(cfg, recipe="power")
-            power = [train_seed(power_cfg, cfg.seed + k, data, device, dtype)[2] for k in range(cfg.n_seeds)]
+        if cfg.compare_power:
             headline.update({f"power_{k}": v for k, v in summarize(power).items()})
             if headline["steps_to_99"] and headline["power_steps_to_99"]:
                 headline["power_ratio_steps_to_99"] = headline["power_steps_to_99"] / headline["steps_to_99"]

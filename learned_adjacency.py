@@ -12,26 +12,26 @@ unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other
 and an entropy bonus on each of the K draws (below). q(S_i) is the probability of the ORDERED draw: sum_t [log
 p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the estimator unbiased (the set's gradient
 is the expectation of the ordered one given the set). Adjacency precision/recall against the true peers is a metric
-only: the row/column/box structure appears nowhere in the model, the data or the loss.
+only: the row/column/box structure appears nowhere in the model or the loss, and the data's augmentation (digits
+relabelled, rows and columns shuffled within bands and stacks, transposes) maps the graph onto itself.
 
 Why it learns: at uniform sampling a neighbour's digit says almost nothing (a random other cell holds cell i's digit
 with chance 8/80, any other digit 9/80), so the GNN's use of edges, and with it the sampler's signal, starts near
 zero. To shorten that start the head reads the (unit-scale) position embeddings directly, beside its path through
 the transformer (which starts at zero), the mean message is layer-normalised, and the GNN has no position embedding,
 so an edge is worth exactly what the sampler made it. The entropy bonus is the mean entropy of the K conditionals
-the draw picked from (draw t: p renormalised over the cells not yet drawn); on p(j | i) alone it sees only the first
-draw, and p collapsed at 68%. Its weight is a floor: while the draws' entropy is below --entropy_target (2 nats; 20
-equal peers in any order: ln(20!)/20 = 2.12) log(weight) grows by 0.01 per step per nat short. The sampler reads the
-81 positions only (one table per step for the whole batch), as the sudoku graph is the same for every puzzle. Every
-run behind these choices: README.
+the draw picked from (draw t: p renormalised over the cells not yet drawn; a regulariser, differentiated with the
+draws held fixed); on p(j | i) alone it sees only the first draw, and p collapsed at 68%. Its weight is a floor:
+while the draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12)
+log(weight) grows by 0.01 per step per nat short. The sampler reads the 81 positions only (one table per step for
+the whole batch), as the sudoku graph is the same for every puzzle. Every run behind these choices: README.
 
-Solving needs a graph right for EVERY cell and a GNN that does not overthink. Trained on graphs of 96.5% top-K
-precision (28 of 81 cells with a wrong neighbour) the GNN reads a neighbour's digit as soft evidence and solves no
-puzzle, even given the true graph at test; at 99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after
-32. sudoku_gnn's cure (the progressive loss from a state 0..T-1 iterations deep, reached without gradient, and the
-settle penalty) stalls the sampler if used from the start (93.0%): the reward is the FIRST iteration's loss, which
-it trains less. So it runs only in the last --refine fraction of the steps, once the graph is learned. Adaptive
-compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
+Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
+precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
+99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32. sudoku_gnn's cure (the progressive loss and
+the settle penalty) stalls the sampler if used from the start (93.0%: the reward is the FIRST iteration's loss,
+which it trains less), so it runs only in the last --refine fraction of the steps. Adaptive compute: a puzzle stops
+once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
 
 Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
     python learned_adjacency.py --iters 64
@@ -42,7 +42,7 @@ CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
 CPU result (seeds 0 / 1; 2,016 / 2,112 s, 83 / 79 puzzles/s): top-K precision 99.5 / 97.8%, RRN test solved after
 32 iterations 19.4 / 7.2% (sudoku_gnn, same flags, 4,800 steps: 32.2 / 31.1%), adaptive 22.2 / 9.4%; at 64
-iterations (50 per givens count) 1.3 / 0.6%, adaptive 20.0 / 7.7%. Every run: README, "learned_adjacency.py".
+iterations 1.3 / 0.6%, adaptive 20.0 / 7.7%. Every run: README, "learned_adjacency.py".
 """
 import math
 import os
@@ -55,9 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile, parse_config,
-                    peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile,
+                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, resume_checkpoint,
+                    rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync, write_results)
 from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
 
 BASELINES = ("none", "ema", "rloo")
@@ -90,7 +90,7 @@ class Config:
     ema_decay: float = 0.99  # for --baseline ema: per-cell running mean of the reward
     entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
-    reward_iters: int = 1  # per-cell reward: -(cell i's cross-entropy), mean over the first this-many iterations
+    reward_iters: int = 1  # reward: -(cell i's cross-entropy) over the first this-many iterations (> 1: biased)
     gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk")})  # graphs the GNN's loss uses
     refine: float = 0.2  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
     settle: float = 0.3  # weight of sudoku_gnn's fixed-point penalty in those steps: mean of ||cell(h_T) - h_T||^2
@@ -128,8 +128,7 @@ class Config:
             raise ValueError(f"--ema_decay must be in [0, 1), --refine in [0, 1]; got {self.ema_decay}, {self.refine}")
 
 
-EVAL_FLAGS = ("iters", "n_test", "test_graph", "eval_every", "var_draws", "device", "dtype", "compile", "out_dir",
-              "ckpt")
+EVAL_FLAGS = ("iters", "n_test", "test_graph", "var_draws", "device", "dtype", "compile", "out_dir", "ckpt")
 EVAL_BATCH = 1024  # puzzles per evaluation forward
 ITER_CHUNK = 16  # GNN iterations per evaluation call; the state is carried between calls
 VAL_N = 50  # validation puzzles per givens count for the --eval_every log
@@ -164,9 +163,11 @@ class GraphSampler(nn.Module):
         # positions only: the same graph for every puzzle, one (1, 81, 81) table expanded over the batch
         x = self.pos[None] if self.digit is None else self.digit(quiz) + self.pos
         h = self.norm(self.body(x))  # (1 or B, 81, w)
-        # the direct position term lets the head hold the 81 x 81 table from the first step, before the body learns
-        q, k = (self.qk(h) + self.qk_pos(self.pos)).float().chunk(2, -1)
-        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (1 or B, 81, 81)
+        # the direct position term lets the head hold the 81 x 81 table from the first step, before the body learns;
+        # the head runs in fp32 under autocast: its logits span 100+ nats, and bf16 would round them by whole nats
+        with torch.autocast(quiz.device.type, enabled=False):
+            q, k = (self.qk(h.float()) + self.qk_pos(self.pos)).chunk(2, -1)
+            logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (1 or B, 81, 81)
         eye = torch.eye(81, dtype=torch.bool, device=quiz.device)
         return logits.masked_fill(eye, NEG).log_softmax(-1).expand(len(quiz), -1, -1)
 
@@ -240,8 +241,7 @@ class GNN(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.width
-        # digits only, no position: the GNN cannot tell a sampled peer from a non-peer by where it sits, so every
-        # edge it reads is exactly as useful as the sampler made it, and the reward credits the sampler's choice
+        # digits only, no position: an edge is as useful as the sampler made it, so the reward credits its choice
         self.digit = nn.Embedding(10, d)  # 0 = blank
         self.x_gates = nn.Linear(d, 3 * d)  # input recall: the same projection every iteration, so made once
         self.cell = Cell(cfg)
@@ -288,9 +288,9 @@ def gnn_loss(gnn, quiz, sol, nbrs, cfg, skip=0, settle=0.0):
 
 
 def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
-    """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), and the
-    entropy of the draws. With --gnn_graph topk the draws only score the sampler (reward_iters iterations, no
-    gradient) and the GNN's loss is taken on each puzzle's top-K graph. skip, settle: gnn_loss (the --refine steps)."""
+    """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), the draws'
+    entropy. --gnn_graph topk: the draws only score the sampler (reward_iters iterations, no gradient) and the GNN's
+    loss is taken on each puzzle's top-K graph. skip, settle: gnn_loss's (the --refine steps)."""
     logp = model.sampler(quiz)  # (B, 81, 81)
     G = cfg.n_graphs
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
@@ -369,9 +369,8 @@ def evaluate(model, test, iters, cfg, adj, dtype):
 
 
 def grad_variance(model, quiz, sol, cfg, draws, dtype):
-    """Total variance (trace of the covariance) of the sampler's surrogate gradient over `draws` independent graph
-    draws on one fixed batch, for each baseline. Every baseline is scored on the SAME draws, so the differences
-    come from the baseline alone. Fixed draw seed: the numbers do not depend on --seed's training stream."""
+    """Trace of the covariance of the sampler's surrogate gradient over `draws` graph draws on one fixed batch, per
+    baseline, every baseline on the SAME draws (a fixed seed), so the differences come from the baseline alone."""
     params = [p for p in model.sampler.parameters() if p.requires_grad]
     gen = torch.Generator(device=quiz.device).manual_seed(EVAL_SEED)
     grads = {b: [] for b in BASELINES}
@@ -432,27 +431,27 @@ def main(cfg):
     adj = true_adjacency(peer_index().to(device))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, val_log = 0, 0.0, []
-    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
+    state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
-            data_gen.set_state(state["data_rng"].to(data_gen.get_state().device))
-            graph_gen.set_state(state["graph_rng"].to(graph_gen.get_state().device))
-            host_gen.set_state(state["host_rng"])
+            set_generator_state(data_gen, state["data_rng"])
+            set_generator_state(graph_gen, state["graph_rng"])
+            set_generator_state(host_gen, state["host_rng"])
             set_rng_state(state["rng"])
     # compile the hot step (run train_iters times); wrapping forward keeps the state_dict keys unchanged
     model.gnn.cell.forward = maybe_compile(model.gnn.cell.forward, cfg.compile, device)
     n_gnn, n_sampler = (sum(p.numel() for p in m.parameters()) for m in (model.gnn, model.sampler))
     print(f"GNN {n_gnn} parameters (width {cfg.width}), sampler {n_sampler} parameters; K = {cfg.k}, baseline "
           f"{cfg.baseline}, {cfg.batch_size} puzzles x {cfg.n_graphs} graphs, givens {cfg.min_givens}-{cfg.max_givens}")
-    # validation puzzles topped up to the training givens (one fixed draw), so the log follows what is being
+    # validation puzzles, each topped up to the training givens (one fixed draw), so the log follows what is being
     # learned, easy puzzles included; --n_test caps their number
     val = groups_to_device(load_test_set(RRN_VAL, VAL_N), min(VAL_N, cfg.n_test or VAL_N), device)
     val_gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     quiz, sol = (torch.cat(t) for t in zip(*val.values()))
-    quiz, sol = sample_batch(quiz, sol, len(quiz), val_gen, cfg.min_givens, cfg.max_givens)
+    quiz, sol = sample_batch(quiz, sol, len(quiz), val_gen, cfg.min_givens, cfg.max_givens, each_once=True)
     val, var_batch = {"val": (quiz, sol)}, (quiz[:VAR_N], sol[:VAR_N])
 
     def snapshot(elapsed, results=None):
@@ -481,8 +480,10 @@ def main(cfg):
     t0, start, eval_s = time.time(), step, 0.0
     if not cfg.ckpt:
         bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, file=sys.stdout, disable=None)
-        try:
+        with StopAfterStep() as stop:
             for i in bar:
+                if stop.requested:  # the last step is whole: stop here
+                    break
                 frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
                 for g in opt.param_groups:
                     warm = min(1.0, (i + 1) / max(1, cfg.warmup))
@@ -520,12 +521,11 @@ def main(cfg):
                               + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + f" | draw entropy "
                               f"{entropy.item():.2f} weight {cfg.entropy * log_gain.exp().item():.3g} | givens >={lo} "
                               f"| {speed:.0f} puzzles/s")
-        except KeyboardInterrupt:
-            save_checkpoint(ckpt_path, snapshot(time.time() - t0))
-            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
-            sys.exit(130)
         bar.close()
         save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+        if stop.requested:
+            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
+            sys.exit(130)
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

@@ -70,9 +70,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
-                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress,
+                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+                    resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
+                    write_results)
 
 PAD = 10  # input token for "this operand has no digit in this column"
 EVAL_POSITIONS = 1 << 17  # rows * columns per evaluation chunk, bounds memory at 1,000 digits
@@ -282,15 +283,16 @@ def evaluate(model, test, iters, n_test, device, dtype):
 
 
 def headline_numbers(acc, iters):
-    """Per length: exact match at --iters, iterations needed (first within 1 point of the best), and at 4x those."""
+    """Per length: exact match at --iters, iterations needed (first within 1 point of the best; None if no sum is
+    ever exact), and at 4x those."""
     out, drops = {}, []
     for n, curve in acc.items():
         best = max(curve)
-        needed = next(k + 1 for k, a in enumerate(curve) if a >= best - 0.01)
+        needed = next(k + 1 for k, a in enumerate(curve) if a >= best - 0.01) if best > 0 else None
         out[f"exact_{n}"] = curve[-1]
         out[f"iters_needed_{n}"] = needed
-        out[f"exact_{n}_at_4x"] = curve[4 * needed - 1] if 4 * needed <= iters else None
-        if 4 * needed <= iters:
+        out[f"exact_{n}_at_4x"] = curve[4 * needed - 1] if needed and 4 * needed <= iters else None
+        if needed and 4 * needed <= iters:
             drops.append(curve[needed - 1] - curve[4 * needed - 1])
     out["max_drop_at_4x"] = max(drops) if drops else None  # > 0 means it overthinks
     return out
@@ -318,15 +320,15 @@ def main(cfg):
     host_gen = torch.Generator().manual_seed(cfg.seed)  # progressive-loss depths, drawn without a device sync
     step, time_before, results = 0, 0.0, {}
 
-    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
+    state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         results = state["results"]
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before = state["step"], state["train_time_s"]
-            data_gen.set_state(state["data_rng"])
-            host_gen.set_state(state["host_rng"])
+            set_generator_state(data_gen, state["data_rng"])
+            set_generator_state(host_gen, state["host_rng"])
             set_rng_state(state["rng"])
     for block in model.blocks:  # compile the hot step, not the loop over iterations
         block.forward = maybe_compile(block.forward, cfg.compile, device)
@@ -341,8 +343,10 @@ def main(cfg):
     t0, start = time.time(), step
     if not cfg.ckpt:
         bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, file=sys.stdout, disable=None)
-        try:
+        with StopAfterStep() as stop:
             for i in bar:
+                if stop.requested:  # the last step is whole: stop here
+                    break
                 frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * min(1.0, (i + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * frac))
@@ -367,12 +371,11 @@ def main(cfg):
                     log_progress(bar, step, loss=f"{loss.item():.4f}", train_exact=f"{exact:.3f}",
                                  **{f"test{first}": f"{quick[str(first)][-1]:.3f}"},
                                  samples_per_s=f"{(step - start) * cfg.batch_size / (time.time() - t0):.0f}")
-        except KeyboardInterrupt:
-            save_checkpoint(ckpt_path, snapshot(time.time() - t0))
-            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
-            sys.exit(130)
         bar.close()
         save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+        if stop.requested:
+            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
+            sys.exit(130)
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

@@ -52,9 +52,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
-                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, user_error, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress,
+                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+                    resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
+                    user_error, write_results)
 
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "uscities.csv")
 BUCKETS = ((1, 9, "1-9"), (10, 19, "10-19"), (20, 29, "20-29"), (30, 10**6, "30+"))  # optimal hops per group
@@ -141,8 +142,9 @@ def read_cities(path):
         coords = np.array([[float(r["lat"]), float(r["lng"])] for r in rows], dtype=np.float64)
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):
         user_error(f"cities file {path} needs numeric lat and lng columns on every row")
-    if len(coords) < 4 or np.abs(coords[:, 0]).max() > 90 or np.abs(coords[:, 1]).max() > 180:
-        user_error(f"cities file {path} needs >= 4 rows with lat in [-90, 90] and lng in [-180, 180]")
+    if len(coords) < 4 or not np.isfinite(coords).all() or np.abs(coords[:, 0]).max() > 90 or \
+            np.abs(coords[:, 1]).max() > 180:
+        user_error(f"cities file {path} needs >= 4 rows with finite lat in [-90, 90] and lng in [-180, 180]")
     return coords
 
 
@@ -225,6 +227,9 @@ class Graph:
         train_ok[s, t] = train_ok[t, s] = False  # no test pair in either direction
         self.train_pairs = torch.nonzero(train_ok.flatten()).squeeze(1).to(device)  # flat s * n + t
         self.held = self.held.to(device)
+        if not len(self.train_pairs) or not all(len(v[0]) for v in self.test.values()):
+            user_error(f"the map's largest connected component (size {n}) leaves no training or no test pairs: link "
+                       f"more cities (--degree, --link_km) or use more of them")
         print(f"map: {cfg.map}, {n} cities in the largest component, {int(self.adj.sum()) // 2} links, "
               f"longest path {int(hops.max())} hops, {len(self.train_pairs)} training pairs")
 
@@ -435,13 +440,13 @@ def main(cfg):
     step, train_time, ckpt_path = 0, 0.0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.ckpt or cfg.resume:
         if cfg.resume and not cfg.ckpt:
-            ckpt = load_checkpoint(ckpt_path, Config)
+            ckpt = resume_checkpoint(ckpt_path, Config, cfg, (*EVAL_FLAGS, "flop_budget"))  # sets the steps
         load_weights(model, ckpt["model"])
+        step, train_time = ckpt["step"], ckpt["train_time_s"]  # --ckpt: what it was trained for, maybe interrupted
         if cfg.resume and not cfg.ckpt:
             opt.load_state_dict(ckpt["optimizer"])
-            step, train_time = ckpt["step"], ckpt.get("train_time_s", 0.0)
             set_rng_state(ckpt["rng"])
-            gen.set_state(ckpt["data_rng"])
+            set_generator_state(gen, ckpt["data_rng"])
 
     def checkpoint(results=None):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
@@ -458,8 +463,8 @@ def main(cfg):
         sync(device)
         t0, start_step = time.time(), step
         bar = tqdm(total=steps, initial=step, desc="train", file=sys.stdout, mininterval=2, disable=None)
-        try:
-            while step < steps:
+        with StopAfterStep() as stop:
+            while step < steps and not stop.requested:  # a stop comes between whole steps
                 # linear warmup, then cosine decay to 10% of --lr
                 frac = max(0.0, (step - warmup) / max(1, steps - warmup))
                 for g in opt.param_groups:
@@ -489,17 +494,13 @@ def main(cfg):
                     rate = (step - start_step) * cfg.batch_size / (time.time() - t0)
                     log_progress(bar, step, loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
                                  samples_per_s=f"{rate:.0f}")
-        except KeyboardInterrupt:
-            train_time += time.time() - t0
-            checkpoint()
-            print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}")
-            sys.exit(130)
         bar.close()
         sync(device)
         train_time += time.time() - t0
         checkpoint()  # before evaluating: a kill there keeps the training
-    if cfg.ckpt:
-        train_time = ckpt.get("train_time_s", 0.0)
+        if stop.requested:
+            print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}")
+            sys.exit(130)
 
     t_eval = time.time()
     acc = evaluate(model, graph, cfg, device, dtype)
@@ -512,10 +513,10 @@ def main(cfg):
                 "reach_1.05_pairs": at("reach_1.05_pairs"), "optimal_sources": at("optimal_sources"),
                 "optimal_pairs": at("optimal_pairs"), "reach_1.05_sources_30+": at("reach_1.05_sources_30+"),
                 "reach_1.05_sources_at_train_iters": at("reach_1.05_sources", min(cfg.train_iters, cfg.iters)),
-                "probe_r2": probe, "train_flops": step_flops * steps, "params": n_params}
+                "probe_r2": probe, "train_flops": step_flops * step, "params": n_params}
     results = {"script": "recurrent_shortest_path", "config": asdict(cfg), "train_iters": cfg.train_iters,
                "iters": cfg.iters, "acc": acc, "headline": headline, "train_time_s": train_time,
-               "eval_time_s": time.time() - t_eval, "samples_per_s": steps * cfg.batch_size / max(train_time, 1e-9),
+               "eval_time_s": time.time() - t_eval, "samples_per_s": step * cfg.batch_size / max(train_time, 1e-9),
                "peak_mem_gb": peak_mem_gb(device), "device": device_name(device), "torch": str(torch.__version__),
                "seed": cfg.seed}
     write_results(cfg.out_dir, results)

@@ -27,11 +27,11 @@ import time
 import numpy as np
 import torch
 
-from common import user_error
+from common import pick_device, user_error
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-POOL_FILE, RRN_TEST, RRN_VAL, SATNET = (os.path.join(DATA_DIR, f) for f in (
-    "sudoku17.csv.xz", "rrn-test.csv.xz", "rrn-validation.csv.xz", "satnet-test.csv.xz"))
+POOL_FILE, RRN_TEST, RRN_VAL = (os.path.join(DATA_DIR, f) for f in (
+    "sudoku17.csv.xz", "rrn-test.csv.xz", "rrn-validation.csv.xz"))
 
 # ---------------------------------------------------------------------------------------------------------------
 # the board: 27 units (rows, columns, boxes) and the 20 peers of each cell
@@ -345,11 +345,13 @@ def _line_perms_on(device):  # once per device: a copy from host memory every ba
     return torch.as_tensor(LINE_PERMS, device=device)
 
 
-def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_givens=34):
+def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_givens=34, each_once=False):
     """pool_* (N, 81) uint8 on the sampling device -> quiz (B, 81) long 0..9 (0 = blank), solution (B, 81) 1..9.
-    The givens count is uniform in min_givens..max_givens (never fewer than the pool puzzle's own)."""
+    The givens count is uniform in min_givens..max_givens (never fewer than the pool puzzle's own). each_once: every
+    pool puzzle once, in order (batch_size = N), instead of a draw with replacement."""
     dev, B = pool_quiz.device, batch_size
-    idx = torch.randint(len(pool_quiz), (B,), generator=generator, device=dev)
+    idx = torch.arange(B, device=dev) if each_once else torch.randint(len(pool_quiz), (B,), generator=generator,
+                                                                        device=dev)
     digits = torch.rand(B, 9, generator=generator, device=dev).argsort(1) + 1  # (B, 9) new name of digits 1..9
     relabel = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), digits], 1)  # blank stays blank
     perms = _line_perms_on(dev)
@@ -368,14 +370,23 @@ def sample_batch(pool_quiz, pool_sol, batch_size, generator, min_givens=17, max_
 
 
 def _build_pool(src):
-    with open(src) as f:
-        quizzes = [[int(ch) for ch in line.strip()] for line in f if len(line.strip()) == 81 and line.strip().isdigit()]
+    """Solve Royle's list (81-digit puzzle lines; other lines are skipped) and replace the pool file, atomically."""
+    try:
+        with open(src) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        user_error(f"cannot read {src}: {e}")
+    quizzes = [[int(ch) for ch in line] for line in lines if len(line) == 81 and line.isascii() and line.isdigit()]
+    if not quizzes:
+        user_error(f"{src}: no line of 81 digits 0-9")
+    print(f"{len(quizzes)} puzzles; {len(lines) - len(quizzes)} other lines skipped (Royle's list has a header)")
     t0 = time.time()
     with multiprocessing.Pool() as workers:
         sols = workers.map(solve, quizzes, chunksize=64)
     quiz, sol = np.array(quizzes, np.uint8), np.array(sols, np.uint8)
     assert is_valid_grid(torch.from_numpy(sol)).all() and ((quiz == 0) | (quiz == sol)).all()
-    write_puzzles(POOL_FILE, quiz, sol)
+    write_puzzles(POOL_FILE + ".tmp.xz", quiz, sol)
+    os.replace(POOL_FILE + ".tmp.xz", POOL_FILE)
     print(f"solved {len(quiz)} puzzles in {time.time() - t0:.0f} s -> {POOL_FILE}")
 
 
@@ -383,7 +394,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--solve", metavar="ROYLE_TXT", help="solve Royle's list and rewrite the pool file")
     parser.add_argument("--confirm", action="store_true", help="also confirm the split with canonical forms (slow)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
     args = parser.parse_args()
     if args.solve:
         _build_pool(args.solve)
@@ -393,7 +404,7 @@ if __name__ == "__main__":
         print(f"split took {time.time() - t0:.1f} s")
         if args.confirm:
             confirm_split()
-        dev = torch.device(args.device)
+        dev = pick_device(args.device)
         pq, ps = torch.from_numpy(quiz).to(dev), torch.from_numpy(sol).to(dev)
         gen = torch.Generator(device=dev).manual_seed(0)
         for batch in (256, 4096, 65536):

@@ -1,15 +1,16 @@
 """Sudoku with a recurrent relational network: more message-passing iterations at test time solve harder puzzles.
 
-Each of the 81 cells is a node linked to its 20 peers (same row, column or box). A node starts from the embedding
-of its given digit (0 = blank) plus a learned position; every iteration it sums messages from its peers and
-updates its state with a GRU cell that re-reads the input embedding ("recall"), then predicts a digit. As in
-RRN (Palm et al. 2018) the loss is the cross-entropy after EVERY iteration, so a model trained for `--train_iters`
-iterations can be run for more. The answer after k iterations is the plain argmax: no masking, search or retries.
-Each training step starts from a state 0..train_iters-1 iterations deep, reached without gradient (progressive
-loss, Bansal et al. 2022). That alone does not stop overthinking: the state never settles, and run 4x longer than
---iters, puzzles it had solved come undone (CPU scale below: 21 points lost from 32 to 128 iterations). So the
-loss also penalises one extra iteration after the last trained one for moving the state (--settle): the answer
-becomes a fixed point, the state's move per iteration decays instead of growing, and more iterations stop hurting.
+Each of the 81 cells is a node linked to its 20 peers (same row, column or box). A node starts from the embedding of
+its given digit (0 = blank) plus a learned position; every iteration it sums messages from its peers and updates its
+state with a GRU cell that re-reads the input embedding ("recall"), then predicts a digit. As in RRN (Palm et al.
+2018) the loss is the cross-entropy after EVERY iteration, so a model trained for `--train_iters` iterations can be
+run for more. The answer after k iterations is the plain argmax: no masking, search or retries. Each training step
+starts from a state 0..train_iters-1 iterations deep, reached without gradient (progressive loss, Bansal et al.
+2022). That alone does not stop overthinking: the state never settles, and run 4x longer than --iters, puzzles it
+had solved come undone (CPU scale below, --settle 0, seeds 0 / 1: 1.1 / 46.7 points lost from 32 to 128 iterations).
+So the loss also penalises one extra iteration after the last trained one for moving the state (--settle): the
+answer becomes a fixed point, the state's move per iteration decays instead of growing, and more iterations stop
+hurting.
 
 Speed: the message MLP's first layer on (h_i, h_j) is split into per-node projections A h_i + B h_j, so only
 relu(A h_i + B h_j) is per edge; its second layer is linear, so it is applied after the (layer-normalised) sum over
@@ -19,8 +20,9 @@ column and box, dense 9x9 tables of pairs built from reshapes, and subtracts wha
 table is one fused reduction in the forward and in the backward, so no (B, 81, 20, m) edge tensor is stored and
 no scatter-add into B h_j's gradient runs (a gather over the 1,620 edges needs both). Per node and iteration that
 is 5 m d + 3 d^2 multiply-adds (d = --width, m = --msg_width) plus 34 m pair terms: 12 MFLOP per puzzle-iteration
-at width 96, about 1.2 GFLOP per training puzzle at 32 iterations with backward (the --settle iteration adds 3%),
-i.e. 18 TFLOP/s at the 15k puzzles/s target, a few % of an H100's bf16 peak: the cost is memory traffic, which is
+at width 96, about 1.4 GFLOP per training puzzle at 32 iterations (1.15 with backward, +16% for the progressive
+loss's 15.5 forward-only iterations on average, +3% for --settle), i.e. 21 TFLOP/s at the 15k puzzles/s target, a
+few % of an H100's bf16 peak: the cost is memory traffic, which is
 why the cell is compiled on CUDA and runs under bf16 autocast; there is no host sync per step except on log steps.
 
 Evaluation: RRN's test set, solved rate (all 81 cells right) per givens count 17..34 after every iteration
@@ -42,6 +44,8 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     order) the same command gave 98.0% / 94.0% and 55.0% / 52.5% (+2.8 / +3.3 points at 128) here, and 95.0% /
     97.0% and 53.3% / 53.3% (+3.1 / +2.2 at 128, 56.1% / 50.3% at 256) on another machine of the same kind, where
     --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower at 128, 39.2% / 0.0% at 256.
+    The current code (the peer sum's backward written out: the same arithmetic, other summation order), seed 0:
+    95.0% / 54.4%, 3.6 points higher at 128, adaptive halting 54.7% at 21.0 iterations (339 s, beside another run).
     Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
     the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
     97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
@@ -58,9 +62,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress, maybe_compile,
-                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, sync, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress,
+                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+                    resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
+                    write_results)
 from sudoku_data import (RRN_TEST, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_relu_sum, read_puzzles,
                          sample_batch, train_pool)
 
@@ -310,15 +315,15 @@ def main(cfg):
     host_gen = torch.Generator().manual_seed(cfg.seed)  # --progressive depths, drawn without a device sync
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, results, val_log = 0, 0.0, {}, []
-    state = load_checkpoint(ckpt_path, Config) if cfg.resume and not cfg.ckpt else saved
+    state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         results = state["results"]
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
-            data_gen.set_state(state["data_rng"].to(data_gen.get_state().device))
-            host_gen.set_state(state["host_rng"])
+            set_generator_state(data_gen, state["data_rng"])
+            set_generator_state(host_gen, state["host_rng"])
             set_rng_state(state["rng"])
     # compile the hot step, not the loop over iterations; wrapping forward keeps the state_dict keys unchanged
     model.cell.forward = maybe_compile(model.cell.forward, cfg.compile, device)
@@ -341,8 +346,10 @@ def main(cfg):
     t0, start, eval_s = time.time(), step, 0.0
     if not cfg.ckpt:
         bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, file=sys.stdout, disable=None)
-        try:
+        with StopAfterStep() as stop:
             for i in bar:
+                if stop.requested:  # the last step is whole: stop here
+                    break
                 frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * min(1.0, (i + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * frac))
@@ -369,12 +376,11 @@ def main(cfg):
                     eval_s += time.time() - t_eval
                     log_progress(bar, step, loss=f"{loss.item():.4f}", val_solved=f"{val_acc:.3f}", givens=f">={lo}",
                                  samples_per_s=f"{speed:.0f}")
-        except KeyboardInterrupt:
-            save_checkpoint(ckpt_path, snapshot(time.time() - t0))
-            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
-            sys.exit(130)
         bar.close()
         save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+        if stop.requested:
+            print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
+            sys.exit(130)
     sync(device)
     elapsed = time.time() - t0
     train_time = time_before + elapsed if not cfg.ckpt else state["train_time_s"]

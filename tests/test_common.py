@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from common import eval_config, load_checkpoint, load_weights, parse_config, save_checkpoint
+from common import (eval_config, load_checkpoint, load_weights, parse_config, resume_checkpoint, save_checkpoint,
+                    set_generator_state)
 
 
 @dataclasses.dataclass
@@ -15,6 +16,7 @@ class Config:
     iters: int = 4
     train_iters: int = 2
     lr: float = 1e-3
+    seed: int = 0
     device: str = "auto"
     compile: bool = True
     op: str = dataclasses.field(default="add", metadata={"choices": ("add", "sub")})
@@ -42,7 +44,8 @@ def test_parse_both_spellings_and_bools():
 
 @pytest.mark.parametrize("argv", [["--iters", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "inf"],
                                   ["--iters", "two"], ["--bogus", "1"], ["--device", "tpu"], ["--op", "mul"],
-                                  ["--train_iters", "101"]])
+                                  ["--train_iters", "101"], ["--seed", "-1"], ["--out_dir", __file__],
+                                  ["--out_dir", os.path.join(__file__, "sub")], ["--out_dir", ""]])
 def test_bad_values_exit_2_with_one_line(argv, capsys):
     code, err = exit_code_and_message(argv, capsys)
     assert code == 2 and err.startswith("error:") and "\n" not in err
@@ -111,3 +114,22 @@ def test_an_interrupt_after_training_is_one_line_not_a_traceback(tmp_path):
                          "PYTHONPATH": root})
     assert run.returncode in (130, -signal.SIGINT), run.stderr
     assert run.stderr.startswith("interrupted") and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_resume_takes_only_the_step_budget_and_evaluation_flags(tmp_path, capsys):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model": {}, "config": dataclasses.asdict(Config(lr=0.1))})
+    assert resume_checkpoint(path, Config, Config(lr=0.1, iters=9), ["iters"])["config"]["lr"] == 0.1
+    with pytest.raises(SystemExit) as e:  # the saved optimizer would silently keep lr 0.1
+        resume_checkpoint(path, Config, Config(lr=0.5), ["iters"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--lr 0.5 (saved: 0.1)" in err and "\n" not in err
+
+
+def test_a_generator_state_from_another_device_type_exits_2(capsys):
+    generator = torch.Generator().manual_seed(1)
+    set_generator_state(generator, torch.Generator().manual_seed(2).get_state())
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(2).get_state())
+    with pytest.raises(SystemExit) as e:  # a CUDA generator's state is 16 bytes
+        set_generator_state(generator, torch.zeros(16, dtype=torch.uint8))
+    assert e.value.code == 2 and "another device type" in capsys.readouterr().err

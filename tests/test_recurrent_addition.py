@@ -129,3 +129,11 @@ def test_bad_test_digits_exit_2():
         with pytest.raises(SystemExit) as e:
             parse_config(ra.Config, ["--test_digits", bad])
         assert e.value.code == 2
+
+
+def test_headline_numbers_iterations_needed_and_drop_at_4x():
+    acc = {"20": [0.0, 0.5, 0.995, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9], "100": [0.0] * 12}
+    h = ra.headline_numbers(acc, 12)
+    assert (h["iters_needed_20"], h["exact_20_at_4x"], h["exact_20"]) == (3, 0.9, 0.9)  # within 1 point of 1.0
+    assert h["max_drop_at_4x"] == pytest.approx(0.995 - 0.9)
+    assert h["iters_needed_100"] is None and h["exact_100_at_4x"] is None  # never exact: nothing was needed

@@ -2,10 +2,12 @@
 determinism, the compiled path, a checkpoint on SIGTERM and the command-line errors. A new experiment adds one row
 to SCRIPTS."""
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,6 +75,26 @@ def check_contract(script, out_dir, iters, headline_keys):
     return results
 
 
+@contextlib.contextmanager
+def sigterm_in_second_backward():
+    """SIGTERM to this process in the middle of the second training step (at its backward pass), as `timeout` would
+    send it: the training loop must finish that step, save it whole and exit 130."""
+    backward, calls = torch.Tensor.backward, []
+
+    def signalling_backward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would kill the test process"
+            signal.raise_signal(signal.SIGTERM)
+        return backward(self, *args, **kwargs)
+
+    torch.Tensor.backward = signalling_backward
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = backward
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_end_to_end(script, tmp_path):
     args, headline_keys = SCRIPTS[script]
@@ -91,9 +113,13 @@ def test_end_to_end(script, tmp_path):
     check_contract(script, str(tmp_path / "eval"), iters + 2, headline_keys)
     assert evaluated["config"]["width"] == ckpt["config"]["width"]
 
-    # same seed on CPU -> same curves
-    again = run(script, args + ["--out_dir", str(tmp_path / "again"), "--device", "cpu"])
-    assert again["acc"] == results["acc"]
+    # same seed on CPU -> same curves, also when SIGTERM stops the run in its second step and --resume finishes it
+    interrupted = args + ["--out_dir", str(tmp_path / "again"), "--device", "cpu"]
+    with sigterm_in_second_backward(), pytest.raises(SystemExit) as e:
+        run(script, interrupted)
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert run(script, interrupted + ["--resume"])["acc"] == results["acc"]
 
     # --resume continues from the saved step
     run(script, args + ["--out_dir", out, "--device", "cpu", "--resume", "--steps", str(2 * steps)])
