@@ -303,7 +303,7 @@ def held_out_solutions():
 def train_pool(verbose=True):
     """Pool puzzles whose solution grid is equivalent to no RRN test or validation solution -> (quiz, sol) uint8.
     A pool grid is dropped when its invariant matches a held-out grid's: that catches every equivalent grid, and
-    `python sudoku_data.py` confirms with canonical forms that each dropped grid is in fact equivalent."""
+    `python sudoku_data.py --confirm` checks with canonical forms that each dropped grid is in fact equivalent."""
     quiz, sol = read_puzzles(POOL_FILE)
     held = held_out_solutions()
     held_keys = set(grid_invariant(held))

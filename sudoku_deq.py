@@ -27,8 +27,9 @@ of 0.9 it read 0.87 where 100 steps read 1.00, the penalty hardly fired and the 
 damped update h <- (1-a) h + a f(h) would not help (it moves an eigenvalue l to 1 - a + a l, still above 1 for a
 real l > 1), and a contraction by construction would have to bound every weight on the h path and keep the GRU's
 update gate z off 1 (df/dh contains diag(z)), far more than keeping the radius under 1 where the fixed points are.
-A non-finite loss or weight rolls the model back to the last good state and halves the learning rate; after 3 such
-recoveries the run stops with a message, and the checkpoint on disk is never replaced by a broken one.
+A non-finite loss or weight (checked every CHECK_EVERY = 100 steps and at log steps, so as not to wait for the
+device every step) rolls the model back to the last good state, up to 100 steps back, and halves the learning rate;
+after 3 such recoveries the run stops with a message, and the checkpoint on disk is never replaced by a broken one.
 Test-time compute: the RRN test solved rate (and share of blank cells right) after k = 1..--iters solver
 iterations, per givens count 17..34.
 
@@ -319,10 +320,10 @@ def train_loss(model, quiz, sol, cfg, generator, fast_cell):
 
 # ---------------------------------------------------------------- evaluation
 
-def evaluate(model, test, cfg, iters, dtype, cell=None):
+def evaluate(model, test, cfg, iters, dtype, cell=None, radius=True):
     """Solved rate after each solver iteration 1..iters per givens count and overall; mean residual per iteration;
-    spectral radius at the final state of the first SPEC_N puzzles of the first group (the fewest givens); share of
-    blank cells right after each iteration (it moves long before whole puzzles are solved)."""
+    spectral radius at the final state of the first SPEC_N puzzles of the first group (the fewest givens; None
+    without `radius`); share of blank cells right after each iteration (it moves long before puzzles are solved)."""
     acc, solved, res, first, cells, blanks = {}, [], [], None, 0, 0
     for g, (quiz, sol) in test.items():
         correct = []
@@ -339,8 +340,10 @@ def evaluate(model, test, cfg, iters, dtype, cell=None):
         acc[str(g)] = correct.float().mean(1).tolist()
         solved.append(correct)
     acc["all"] = torch.cat(solved, 1).float().mean(1).tolist()
-    with autocast(first[0].device, dtype):
-        rho = spectral_radius(model.f(model.inject(first[0])), first[1])
+    rho = None
+    if radius:
+        with autocast(first[0].device, dtype):
+            rho = spectral_radius(model.f(model.inject(first[0])), first[1])
     return acc, solved, torch.cat(res, 1).mean(1).tolist(), rho, (cells / blanks).tolist()
 
 
@@ -393,10 +396,10 @@ def main(cfg):
     state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
+        log, recoveries = state["log"], state["recoveries"]  # --ckpt reports them too
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
-            step, time_before, log = state["step"], state["train_time_s"], state["log"]
-            lr_scale, recoveries = state["lr_scale"], state["recoveries"]
+            step, time_before, lr_scale = state["step"], state["train_time_s"], state["lr_scale"]
             set_generator_state(data_gen, state["data_rng"])
             set_rng_state(state["rng"])
     fast_cell = maybe_compile(model.cell, cfg.compile, device)  # graph-free solves only: no double backward
@@ -466,7 +469,7 @@ def main(cfg):
                 model.eval()
                 with autocast(device, dtype):
                     rho = spectral_radius(model.f(x_gates[-SPEC_N:]), h_star[-SPEC_N:])  # not the penalised ones
-                val_acc = evaluate(model, val, cfg, cfg.train_iters, dtype, fast_cell)[0]["all"][-1]
+                val_acc = evaluate(model, val, cfg, cfg.train_iters, dtype, fast_cell, radius=False)[0]["all"][-1]
                 with torch.no_grad():  # blank cells right at h*: moves long before whole puzzles are solved
                     cell_acc = ((model.head(h_star).argmax(-1) + 1 == sol) & (quiz == 0)).sum() / (quiz == 0).sum()
                 model.train()

@@ -134,6 +134,22 @@ def test_flop_count_and_matched_baselines():
     assert rsp.flops_per_token(d, 3, 1, 65, 2257) <= rec < rsp.flops_per_token(d + 32, 3, 1, 65, 2257)
 
 
+@pytest.mark.parametrize("arch", ["recurrent", "deep", "wide"])
+def test_flop_formula_matches_the_matmuls_the_model_runs(arch):
+    """flops_per_token, without its attention term (T = 0), against the matrix products PyTorch's FLOP counter sees
+    in a real forward pass (which may or may not count the attention kernel itself, so that is left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = rsp.Config(arch=arch, width=32, n_layers=2, train_iters=3, max_hops=11)
+    V, B, T = 50, 3, cfg.max_hops + 1
+    d, blocks, tied = rsp.model_shape(cfg, V)
+    with FlopCounterMode(display=False) as counter:
+        rsp.PathModel(cfg, V)(torch.randint(V, (B, T)), cfg.train_iters)
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                  if op.__name__.split(".")[0] in ("mm", "addmm", "bmm"))
+    n_blocks, n_heads = (blocks + cfg.train_iters, cfg.train_iters) if tied else (blocks, 1)
+    assert counted == rsp.flops_per_token(d, n_blocks, n_heads, 0, V) * B * T
+
+
 def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path):
     tiny = ["--map", "plane", "--n_cities", "30", "--max_hops", "8", "--n_test", "4", "--width", "16",
             "--train_iters", "2", "--iters", "2", "--batch_size", "8", "--device", "cpu"]

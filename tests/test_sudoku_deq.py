@@ -227,7 +227,7 @@ def nan_loss_on(calls, monkeypatch):
 
 def test_nan_step_rolls_back_and_halves_lr(tmp_path, monkeypatch, capsys):
     nan_loss_on({3}, monkeypatch)
-    # a batch larger than SPEC_N: the logged spectral radius uses the first SPEC_N puzzles of it
+    # a batch larger than SPEC_N: the logged spectral radius uses the last SPEC_N puzzles of it
     results = sq.main(parse_config(sq.Config, TINY + ["--steps", "8", "--eval_every", "2", "--batch_size", "72",
                                                       "--out_dir", str(tmp_path)]))
     assert "rolled back" in capsys.readouterr().out
