@@ -40,11 +40,11 @@ CPU-scale stability study (easy puzzles, small model), 1 thread, seeds 0 and 1:
     python sudoku_deq.py --device cpu --width 32 --msg_width 32 --min_givens 34 --max_givens 45 --train_iters 12 \\
         --iters 24 --steps 400 --batch_size 32 --lr 3e-3 --warmup 30 --n_test 20 --eval_every 50 \\
         --seed S [--stabiliser X]
-    CPU result (shared 2-core machine): the default holds the spectral radius on the training batch at 0.80-0.85
-    (max 0.89 / 0.90), --stabiliser none lets it reach 1.05-1.16; blank cells right on the RRN test after 24 and
-    64 iterations 51.9%, 51.9% / 52.8%, 52.8% vs 33.8%, 27.6% / 32.6%, 26.9% (without the stabiliser more
-    iterations lose cells). At 3x the steps, seeds 0-2: no collapse, radius <= 0.95 at every logged step. No RRN
-    test puzzle is solved at this scale.
+    CPU result (shared 2-core machine): the default holds the spectral radius on the training batch at 0.82-0.87
+    (max 0.91 / 0.92; 100 power steps), --stabiliser none lets it reach 1.14-1.19 (seed 0); blank cells right on
+    the RRN test after 24 and 64 iterations 51.9%, 51.9% / 52.8%, 52.8% vs 33.8%, 27.6% / 32.6%, 26.9% (without the
+    stabiliser more iterations lose cells). At 3x the steps, seeds 0-2: no collapse, radius <= 0.96 at every logged
+    step. No RRN test puzzle is solved at this scale.
     At sudoku_gnn's CPU flags and its training wall-clock the default solves nothing (0.0% where the GNN solves
     98.0% of 30-34 givens and 55.0% of all); --stab_weight 1 --lr 1e-2 solves 49-52% / 16% (3 seeds) with the
     radius at 1.02-1.05, held at 1 rather than under it, and 52-72% / 17-24% with --stab_batch 8 (the penalty on a
