@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ class StopAfterStep:
 
     def __enter__(self):
         self.requested = False
-        self._before = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        on_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
+        self._before = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM) if on_main_thread}
         return self
 
     def _request(self, signum, frame):
@@ -145,6 +147,11 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32(device):
+    """A region that stays in fp32 inside autocast (where autocast exists for the device: not MPS on torch 2.4)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 def maybe_compile(module, enabled, device):
@@ -216,7 +223,7 @@ def resume_checkpoint(path, config_cls, cfg, may_change):
                if k not in (*may_change, "steps", "eval_every", "resume") and getattr(cfg, k) != v]
     if changed:
         user_error(f"--resume continues the run in {path} with its own flags, but {', '.join(changed)}; "
-                   f"resume without them or start a new run in another --out_dir")
+                   f"give the saved values, or start a new run in another --out_dir")
     return ckpt
 
 

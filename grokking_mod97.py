@@ -328,13 +328,13 @@ def train_seed(cfg, seed, data, device, dtype, state=None, stop=None):
     ema = [torch.zeros_like(w) for w in params]  # Grokfast's slow-gradient filter
     gen = torch.Generator(device=device).manual_seed(seed)  # batch sampling
     hist = torch.zeros(cfg.steps, len(HIST), device=device)  # written every step, read only at log steps
-    step, time_before, seconds_to_target = 0, 0.0, None
+    step, checked, time_before, seconds_to_target = 0, 0, 0.0, None  # checked: steps whose accuracy was read
     if state is not None:
         load_weights(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         for e, saved in zip(ema, state["grokfast"]):
             e.copy_(saved)
-        step, time_before = state["step"], state["train_time_s"]
+        step, checked, time_before = state["step"], state["checked"], state["train_time_s"]
         hist[:min(step, cfg.steps)] = state["hist"][:cfg.steps].to(device)
         set_generator_state(gen, state["data_rng"])
         set_rng_state(state["rng"])
@@ -346,11 +346,11 @@ def train_seed(cfg, seed, data, device, dtype, state=None, stop=None):
 
     def snapshot():
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "grokfast": [e.cpu() for e in ema],
-                "step": step, "hist": hist[:step].cpu(), "data_rng": gen.get_state(), "rng": rng_state(),
-                "train_time_s": time_before + time.time() - t0}
+                "step": step, "checked": checked, "hist": hist[:step].cpu(), "data_rng": gen.get_state(),
+                "rng": rng_state(), "train_time_s": time_before + time.time() - t0}
 
     sync(device)
-    t0, start, checked = time.time(), step, step
+    t0, start = time.time(), step
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"seed {seed}", file=sys.stdout,
                disable=None, leave=False)
     for i in bar:
@@ -462,38 +462,49 @@ def main(cfg):
           f"recipe {cfg.recipe}")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
+    def nets(weights):  # the finished seeds' models, rebuilt from their saved weights
+        built = [Net(cfg).to(device) for _ in weights]
+        for net, w in zip(built, weights):
+            load_weights(net, w)
+        return built
+
     if saved is not None:  # evaluation only: rebuild, load, sweep --iters
-        model = Net(cfg).to(device)
-        load_weights(model, saved["model"])
-        runs, models = saved["runs"], [model]
+        runs, models = saved["runs"], nets(saved["weights"] or [saved["model"]])
         # an interrupted run's checkpoint has no results yet
         headline = {**dict.fromkeys(("steps_to_95", "steps_to_99", "seconds_to_99")),
                     **saved["results"].get("headline", {})}
         train_time, samples_per_s = (saved["results"].get(k, 0.0) for k in ("train_time_s", "samples_per_s"))
     else:
-        runs, models, resume_state = [], [], None
-        if cfg.resume:  # "runs" holds the finished seeds; the state is the seed at seed_index, finished or not
-            resume_state = resume_checkpoint(ckpt_path, Config, cfg, (*EVAL_FLAGS, "n_seeds", "compare_power"))
-            runs = resume_state["runs"][:cfg.n_seeds]
+        # the checkpoint holds the finished seeds' summaries and weights, and the training state of the seed at
+        # seed_index (finished or not); the validation set decides when a seed stops, so --n_test stays as saved
+        runs, weights, resume_state = [], [], None
+        if cfg.resume:
+            may_change = (*(f for f in EVAL_FLAGS if f != "n_test"), "n_seeds", "compare_power")
+            resume_state = resume_checkpoint(ckpt_path, Config, cfg, may_change)
+            runs, weights = resume_state["runs"][:cfg.n_seeds], resume_state["weights"][:cfg.n_seeds]
             last = runs[-1] if len(runs) == resume_state["seed_index"] + 1 else None
             if last and not last["reached_target"] and last["steps_run"] < cfg.steps:
-                runs = runs[:-1]  # it stopped at an earlier --steps: train it on to this one
+                runs, weights = runs[:-1], weights[:-1]  # it stopped at an earlier --steps: train it on
+            capped = [r["seed"] for r in runs if not r["reached_target"] and r["steps_run"] < cfg.steps]
+            if capped:
+                print(f"note: seeds {capped} stopped at an earlier --steps short of --target and keep their results "
+                      f"(only the last seed's training state is saved)")
 
         def save(state, k):
-            save_checkpoint(ckpt_path, {**state, "config": asdict(cfg), "runs": runs, "seed_index": k,
-                                        "results": {"headline": summarize(runs)} if runs else {}})
+            save_checkpoint(ckpt_path, {**state, "config": asdict(cfg), "runs": runs, "weights": weights,
+                                        "seed_index": k, "results": {"headline": summarize(runs)} if runs else {}})
 
         with StopAfterStep() as stop:
             for k in range(len(runs), cfg.n_seeds):
                 in_progress = resume_state is not None and resume_state["seed_index"] == k
                 model, state, summary = train_seed(cfg, cfg.seed + k, data, device, dtype,
                                                    resume_state if in_progress else None, stop)
-                runs = runs + [summary] if summary else runs
+                if summary:
+                    runs, weights = runs + [summary], weights + [{n: w.cpu() for n, w in model.state_dict().items()}]
                 save(state, k)
                 if stop.requested:
                     print(f"interrupted: seed {cfg.seed + k} at step {state['step']}, saved to {ckpt_path}")
                     sys.exit(130)
-                models.append(model)
                 print(f"seed {cfg.seed + k}: steps to 95% {summary['steps_to_95']}, to 99% "
                       f"{summary['steps_to_99']}, {summary['train_time_s']:.1f} s")
             if cfg.compare_power:  # same seeds, same harness, no checkpoints
@@ -502,9 +513,7 @@ def main(cfg):
                 if stop.requested:
                     print("interrupted during the Power recipe's runs (not checkpointed)")
                     sys.exit(130)
-        if not models:  # every seed had finished before this --resume: evaluate the last one
-            models = [Net(cfg).to(device)]
-            load_weights(models[0], resume_state["model"])
+        models = nets(weights)
         headline = summarize(runs)
         train_time = sum(r["train_time_s"] for r in runs)
         samples_per_s = statistics.mean(r["samples_per_s"] for r in runs)
@@ -513,7 +522,7 @@ def main(cfg):
             if headline["steps_to_99"] and headline["power_steps_to_99"]:
                 headline["power_ratio_steps_to_99"] = headline["power_steps_to_99"] / headline["steps_to_99"]
 
-    # validation and training accuracy after each application, averaged over the seeds trained here
+    # validation and training accuracy after each application, averaged over the seeds
     curves = {}
     for name, (x, y) in {"val": data[2:], "train": data[:2]}.items():
         x, y = (x[:cfg.n_test], y[:cfg.n_test]) if cfg.n_test else (x, y)

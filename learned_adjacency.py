@@ -55,9 +55,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, maybe_compile,
-                    parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters, resume_checkpoint,
-                    rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync, write_results)
+from common import (StopAfterStep, autocast, device_name, eval_config, fp32, load_checkpoint, load_weights,
+                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+                    resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
+                    write_results)
 from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
 
 BASELINES = ("none", "ema", "rloo")
@@ -163,9 +164,8 @@ class GraphSampler(nn.Module):
         # positions only: the same graph for every puzzle, one (1, 81, 81) table expanded over the batch
         x = self.pos[None] if self.digit is None else self.digit(quiz) + self.pos
         h = self.norm(self.body(x))  # (1 or B, 81, w)
-        # the direct position term lets the head hold the 81 x 81 table from the first step, before the body learns;
-        # the head runs in fp32 under autocast: its logits span 100+ nats, and bf16 would round them by whole nats
-        with torch.autocast(quiz.device.type, enabled=False):
+        # the position term holds the 81 x 81 table from step one; fp32, as bf16 rounds 100-nat logits by whole nats
+        with fp32(quiz.device):
             q, k = (self.qk(h.float()) + self.qk_pos(self.pos)).chunk(2, -1)
             logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (1 or B, 81, 81)
         eye = torch.eye(81, dtype=torch.bool, device=quiz.device)
@@ -521,8 +521,8 @@ def main(cfg):
                               + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + f" | draw entropy "
                               f"{entropy.item():.2f} weight {cfg.entropy * log_gain.exp().item():.3g} | givens >={lo} "
                               f"| {speed:.0f} puzzles/s")
-        bar.close()
-        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+            bar.close()
+            save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)

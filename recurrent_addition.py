@@ -322,7 +322,8 @@ def main(cfg):
     host_gen = torch.Generator().manual_seed(cfg.seed)  # progressive-loss depths, drawn without a device sync
     step, time_before, results = 0, 0.0, {}
 
-    state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
+    resumable = (*EVAL_FLAGS, "test_digits")  # the test lengths are read only after training (and by the log)
+    state = resume_checkpoint(ckpt_path, Config, cfg, resumable) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         results = state["results"]
@@ -374,8 +375,8 @@ def main(cfg):
                     log_progress(bar, step, loss=f"{loss.item():.4f}", train_exact=f"{exact:.3f}",
                                  **{f"val{first}": f"{quick[str(first)][-1]:.3f}"},
                                  samples_per_s=f"{(step - start) * cfg.batch_size / (time.time() - t0):.0f}")
-        bar.close()
-        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+            bar.close()
+            save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)

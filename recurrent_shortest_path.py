@@ -494,10 +494,10 @@ def main(cfg):
                     rate = (step - start_step) * cfg.batch_size / (time.time() - t0)
                     log_progress(bar, step, loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
                                  samples_per_s=f"{rate:.0f}")
-        bar.close()
-        sync(device)
-        train_time += time.time() - t0
-        checkpoint()  # before evaluating: a kill there keeps the training
+            bar.close()
+            sync(device)
+            train_time += time.time() - t0
+            checkpoint()  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}")
             sys.exit(130)

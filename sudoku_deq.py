@@ -65,8 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (StopAfterStep, autocast, device_name, eval_config, load_checkpoint, load_weights, log_progress,
-                    maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
+from common import (StopAfterStep, autocast, device_name, eval_config, fp32, load_checkpoint, load_weights,
+                    log_progress, maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
                     resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
                     write_results)
 from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_relu_sum, sample_batch, train_pool
@@ -157,7 +157,7 @@ def iterates(f, x, method="anderson", m=5, lam=1e-4):
             fs, gs = torch.empty(2, len(x), m, x.shape[1], device=x.device)  # (B, m, N) each
         fs[:, k % m], gs[:, k % m] = fx, fx - x
         n = min(k + 1, m)
-        with torch.autocast(x.device.type, enabled=False):  # a bf16 mix would stall the residual near 1e-3
+        with fp32(x.device):  # a bf16 mix would stall the residual near 1e-3
             g = gs[:, :n]  # (B, n, N)
             h = g @ g.transpose(1, 2)  # (B, n, n)
             ridge = lam * h.diagonal(dim1=1, dim2=2).mean(1) + 1e-10  # relative, so it fits any residual scale
@@ -483,8 +483,8 @@ def main(cfg):
                 log_progress(bar, step, loss=f"{ce.item():.4f}", val_solved=f"{val_acc:.3f}",
                              res=f"{log['residual'][-1]:.1e}", rho=f"{log['spectral_radius'][-1]:.2f}",
                              samples_per_s=f"{speed:.0f}")
-        bar.close()
-        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+            bar.close()
+            save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)

@@ -376,8 +376,8 @@ def main(cfg):
                     eval_s += time.time() - t_eval
                     log_progress(bar, step, loss=f"{loss.item():.4f}", val_solved=f"{val_acc:.3f}", givens=f">={lo}",
                                  samples_per_s=f"{speed:.0f}")
-        bar.close()
-        save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill there keeps the training
+            bar.close()
+            save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
             sys.exit(130)

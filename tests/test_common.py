@@ -3,12 +3,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
-from common import (eval_config, load_checkpoint, load_weights, parse_config, resume_checkpoint, save_checkpoint,
-                    set_generator_state)
+from common import (StopAfterStep, eval_config, load_checkpoint, load_weights, parse_config, resume_checkpoint,
+                    save_checkpoint, set_generator_state)
 
 
 @dataclasses.dataclass
@@ -133,3 +134,17 @@ def test_a_generator_state_from_another_device_type_exits_2(capsys):
     with pytest.raises(SystemExit) as e:  # a CUDA generator's state is 16 bytes
         set_generator_state(generator, torch.zeros(16, dtype=torch.uint8))
     assert e.value.code == 2 and "another device type" in capsys.readouterr().err
+
+
+def test_stop_after_step_waits_for_the_step_then_a_second_signal_interrupts():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopAfterStep() as stop:
+        signal.raise_signal(signal.SIGTERM)  # the first only asks: the step in progress goes on
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    requested = []  # off the main thread (no signals there) it is inert instead of failing
+    worker = threading.Thread(target=lambda: requested.append(StopAfterStep().__enter__().requested))
+    worker.start(), worker.join()
+    assert requested == [False]

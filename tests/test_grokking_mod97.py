@@ -114,3 +114,31 @@ def test_muon_steps_the_core_matrices_and_adamw_the_rest():
         else:  # AdamW's first step: lr * g / (|g| + eps)
             expected = -cfg.lr * grad / (grad.abs() + 1e-8)
         assert torch.allclose(step, expected, atol=1e-6), n
+
+
+def test_several_seeds_resume_exactly_after_sigterm(tmp_path, monkeypatch):
+    """Two seeds, SIGTERM inside the second seed's third step: the checkpoint keeps seed 0's summary and weights and
+    seed 1's state, and --resume gives the uninterrupted run's curves and step counts (and raising --n_seeds later
+    trains only the new seed)."""
+    import signal
+    args = ["--p", "11", "--width", "16", "--steps", "6", "--eval_every", "4", "--n_seeds", "2"]
+    reference = run(args, tmp_path / "reference")
+    backward, calls = torch.Tensor.backward, []
+
+    def signalling_backward(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6 + 3:  # seed 0 runs all 6 steps (no target at p = 11 so soon)
+            signal.raise_signal(signal.SIGTERM)
+        return backward(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "backward", signalling_backward)
+    with pytest.raises(SystemExit) as e:
+        run(args, tmp_path / "stopped")
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
+    assert e.value.code == 130 and (ckpt["seed_index"], ckpt["step"], len(ckpt["runs"])) == (1, 3, 1)
+    resumed = run(args + ["--resume"], tmp_path / "stopped")
+    assert resumed["acc"] == reference["acc"]
+    assert [r["steps_run"] for r in resumed["runs"]] == [r["steps_run"] for r in reference["runs"]] == [6, 6]
+    more = run(args[:-1] + ["3", "--resume"], tmp_path / "stopped")
+    assert [r["seed"] for r in more["runs"]] == [0, 1, 2] and more["runs"][:2] == resumed["runs"]
