@@ -116,25 +116,15 @@ def test_muon_steps_the_core_matrices_and_adamw_the_rest():
         assert torch.allclose(step, expected, atol=1e-6), n
 
 
-def test_several_seeds_resume_exactly_after_sigterm(tmp_path, monkeypatch):
+def test_several_seeds_resume_exactly_after_sigterm(tmp_path):
     """Two seeds, SIGTERM inside the second seed's third step: the checkpoint keeps seed 0's summary and weights and
     seed 1's state, and --resume gives the uninterrupted run's curves and step counts (and raising --n_seeds later
     trains only the new seed)."""
-    import signal
+    from test_scripts import sigterm_in_backward
     args = ["--p", "11", "--width", "16", "--steps", "6", "--eval_every", "4", "--n_seeds", "2"]
     reference = run(args, tmp_path / "reference")
-    backward, calls = torch.Tensor.backward, []
-
-    def signalling_backward(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 6 + 3:  # seed 0 runs all 6 steps (no target at p = 11 so soon)
-            signal.raise_signal(signal.SIGTERM)
-        return backward(self, *a, **k)
-
-    monkeypatch.setattr(torch.Tensor, "backward", signalling_backward)
-    with pytest.raises(SystemExit) as e:
+    with sigterm_in_backward(6 + 3), pytest.raises(SystemExit) as e:  # seed 0 runs all 6 steps (no target so soon)
         run(args, tmp_path / "stopped")
-    monkeypatch.undo()
     ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
     assert e.value.code == 130 and (ckpt["seed_index"], ckpt["step"], len(ckpt["runs"])) == (1, 3, 1)
     resumed = run(args + ["--resume"], tmp_path / "stopped")

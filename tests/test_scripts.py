@@ -76,14 +76,14 @@ def check_contract(script, out_dir, iters, headline_keys):
 
 
 @contextlib.contextmanager
-def sigterm_in_second_backward():
-    """SIGTERM to this process in the middle of the second training step (at its backward pass), as `timeout` would
+def sigterm_in_backward(n):
+    """SIGTERM to this process in the middle of the n-th training step (at its backward pass), as `timeout` would
     send it: the training loop must finish that step, save it whole and exit 130."""
     backward, calls = torch.Tensor.backward, []
 
     def signalling_backward(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would kill the test process"
             signal.raise_signal(signal.SIGTERM)
         return backward(self, *args, **kwargs)
@@ -115,7 +115,7 @@ def test_end_to_end(script, tmp_path):
 
     # same seed on CPU -> same curves, also when SIGTERM stops the run in its second step and --resume finishes it
     interrupted = args + ["--out_dir", str(tmp_path / "again"), "--device", "cpu"]
-    with sigterm_in_second_backward(), pytest.raises(SystemExit) as e:
+    with sigterm_in_backward(2), pytest.raises(SystemExit) as e:
         run(script, interrupted)
     assert e.value.code == 130
     assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == 2
