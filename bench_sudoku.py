@@ -4,17 +4,19 @@ Machines are shared and absolute speeds drift, so every number here comes with a
 naive recurrent relational network (the Palm et al. 2018 update as it is usually first written: a message MLP on the
 concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM update
 that re-reads the input, the loss after every iteration), eager and compiled, against one real training step of
-sudoku_gnn.py (with its progressive depth and --settle iteration) and of sudoku_deq.py (forward solve, implicit
-backward, spectral penalty) at the same width and iterations. The baseline is lighter than RRN itself (a 2-layer
-message MLP, no input MLP), so the ratios understate the gain; they measure sudoku_gnn's whole design against it:
-the factorised message with its gather-free peer sum, the compiled cell, and a GRU with a normalised message sum in
-place of the LSTM (plus its progressive and --settle iterations, which the baseline does not pay for). Each model
-runs --warmup untimed steps (torch.compile happens there), then --steps timed ones on batches from the training
-sampler. The eager baseline runs at batch 64, the compiled one at --batch_size, like the two models. Writes
-out/bench_sudoku/results.json after every model (a failed one is recorded and the rest still run): puzzles/s, ms per
-step, the peak memory of the timed steps and what was resident before them (CUDA), and the ratios sudoku_gnn / naive
-(sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations) and sudoku_deq / sudoku_gnn in speed and peak
-memory (sudoku_deq's target: <= 25%).
+sudoku_gnn.py (with its progressive depth and --settle iteration), of sudoku_deq.py (forward solve, implicit
+backward, spectral penalty) and of learned_adjacency.py (4 graph draws per puzzle, each scored by one iteration, the
+GNN trained on one; a step outside its --refine phase) at the same width, iterations and batch. The baseline is
+lighter than RRN itself (a 2-layer message MLP, no input MLP), so the ratios understate the gain; they measure
+sudoku_gnn's whole design against it: the factorised message with its gather-free peer sum, the compiled cell, and a
+GRU with a normalised message sum in place of the LSTM (plus its progressive and --settle iterations, which the
+baseline does not pay for). Each model runs --warmup untimed steps (torch.compile happens there), then --steps timed
+ones on batches from the training sampler. The eager baseline runs at batch 64, the compiled one at --batch_size,
+like the other models. Writes out/bench_sudoku/results.json after every model (a failed one is recorded and the rest
+still run): puzzles/s, ms per step, the peak memory of the timed steps and what was resident before them (CUDA), and
+the ratios sudoku_gnn / naive (sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations), sudoku_deq /
+sudoku_gnn in speed and peak memory (sudoku_deq's target: <= 25%), and learned_adjacency / sudoku_gnn in speed (both
+default to 30,000 steps; its training-time target is <= 3x sudoku_gnn's).
 
     python bench_sudoku.py                              # CUDA: width 96, 32 iterations, batch 512 (naive eager 64)
     python bench_sudoku.py --device cpu --width 32 --msg_width 32 --train_iters 8 --batch_size 32 --naive_batch 32
@@ -22,12 +24,16 @@ GPU result (one H200, torch 2.11, bf16; the GPU shared with a training run, so a
 measured when sudoku_gnn and sudoku_deq summed their messages with a gather over the 1,620 edges): the first
 command gave the naive RRN 1,040 puzzles/s eager and 3,883 compiled, sudoku_gnn 6,721 (6.46x / 1.73x; the 15k
 target is not met) and sudoku_deq 0.52x sudoku_gnn's speed at 0.41x its peak memory (1.73 vs 4.26 GB). The
-gather-free sum they use now (sudoku_data.peer_relu_sum, with its written-out backward) is not measured on a GPU yet.
+gather-free sum they use now (sudoku_data.peer_relu_sum, with its written-out backward) and learned_adjacency are not
+measured on a GPU yet.
 CPU result (one thread of a shared 2-core x86 machine, torch 2.13, fp32, eager; two runs each, the two commands side
 by side; peak memory is CUDA only): the second command gives the naive RRN 75 puzzles/s, sudoku_gnn 158-185
 (2.12-2.48x) and sudoku_deq 0.44-0.48x sudoku_gnn's speed. At width 96 and 32 iterations sudoku_gnn runs at
 3.28-3.69x the naive RRN and sudoku_deq at 0.78-0.86x sudoku_gnn:
     python bench_sudoku.py --device cpu --batch_size 8 --naive_batch 8 --warmup 1 --steps 4
+learned_adjacency, added later (one more run of each command, side by side; the other ratios within or near the
+ranges above): 0.61x sudoku_gnn's speed with the second command, where the draws' bookkeeping outweighs the small GNN,
+and 1.15x with the third, where the GNN dominates and its step skips sudoku_gnn's progressive iterations.
 """
 import gc
 import time
@@ -36,6 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+import learned_adjacency
 import sudoku_deq
 import sudoku_gnn
 from common import (autocast, device_name, maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, set_seed,
@@ -50,7 +57,7 @@ class Config:
     msg_width: int = 96  # hidden units of every message MLP
     train_iters: int = 32  # iterations unrolled (naive, gnn) or solver iterations (deq) per training step
     # batches
-    batch_size: int = 512  # sudoku_gnn and sudoku_deq (their default)
+    batch_size: int = 512  # sudoku_gnn, sudoku_deq and learned_adjacency (their default)
     naive_batch: int = 64  # the naive RRN, eager (compiled, CUDA only, it runs at --batch_size)
     # timing
     warmup: int = 10  # untimed steps per model first
@@ -143,6 +150,7 @@ def main(cfg):
     shared = dict(width=cfg.width, msg_width=cfg.msg_width, train_iters=cfg.train_iters, batch_size=cfg.batch_size,
                   compile=cfg.compile, device=cfg.device, dtype=cfg.dtype)
     gnn_cfg, deq_cfg = sudoku_gnn.Config(**shared), sudoku_deq.Config(**shared)
+    la_cfg = learned_adjacency.Config(**shared)
 
     def naive_step(batch, compiled):
         model = NaiveRRN(cfg.width, cfg.msg_width).to(device)
@@ -169,8 +177,16 @@ def main(cfg):
             return sudoku_deq.train_loss(model, quiz, sol, deq_cfg, gen, fast_cell)[0]
         return trainer(model, loss_of, batch, pool, gen, device, dtype)
 
-    arms = [("naive_eager", lambda b: naive_step(b, False), cfg.naive_batch),
-            ("sudoku_gnn", gnn_step, cfg.batch_size), ("sudoku_deq", deq_step, cfg.batch_size)]
+    def la_step(batch):
+        model = learned_adjacency.Model(la_cfg).to(device)
+        model.gnn.cell.forward = maybe_compile(model.gnn.cell.forward, cfg.compile, device)  # as its script does
+
+        def loss_of(quiz, sol):  # the GNN on one draw, 4 draws scored, the sampler's surrogate and entropy bonus
+            return learned_adjacency.train_loss(model, quiz, sol, la_cfg, gen)[0]
+        return trainer(model, loss_of, batch, pool, gen, device, dtype)
+
+    arms = [("naive_eager", lambda b: naive_step(b, False), cfg.naive_batch), ("sudoku_gnn", gnn_step, cfg.batch_size),
+            ("sudoku_deq", deq_step, cfg.batch_size), ("learned_adjacency", la_step, cfg.batch_size)]
     if cfg.compile and device.type == "cuda":
         arms.append(("naive_compiled", lambda b: naive_step(b, True), cfg.batch_size))
     print(f"device {device_name(device)}, {dtype}, width {cfg.width}, {cfg.train_iters} iterations")
@@ -180,11 +196,11 @@ def main(cfg):
     for name, build, batch in arms:
         try:
             m = measure(build(batch), cfg, batch, device)
-            print(f"{name:15s} batch {batch:4d}: {m['puzzles_per_s']:8.0f} puzzles/s, {m['step_ms']:7.1f} ms/step, "
+            print(f"{name:17s} batch {batch:4d}: {m['puzzles_per_s']:8.0f} puzzles/s, {m['step_ms']:7.1f} ms/step, "
                   f"peak memory {fmt(m['peak_mem_gb'], ' GB')}")
         except RuntimeError as e:  # out of memory (a subclass), a compiler error: keep the other models' numbers
             m = {"batch": batch, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
-            print(f"{name:15s} batch {batch:4d}: failed, {m['error']}")
+            print(f"{name:17s} batch {batch:4d}: failed, {m['error']}")
         results["models"][name] = m
         write_results(cfg.out_dir, results)  # after every model: a later failure or a kill keeps these
         gc.collect()  # the compiled forward assigned onto sudoku_gnn's cell keeps its model in a reference cycle
@@ -197,11 +213,13 @@ def main(cfg):
         "gnn_vs_naive_eager": ratio(speed["sudoku_gnn"], speed["naive_eager"]),
         "gnn_vs_naive_compiled": ratio(speed["sudoku_gnn"], speed.get("naive_compiled")),  # both at --batch_size
         "deq_vs_gnn_speed": ratio(speed["sudoku_deq"], speed["sudoku_gnn"]),
-        "deq_vs_gnn_peak_mem": ratio(mem["sudoku_deq"], mem["sudoku_gnn"])}
+        "deq_vs_gnn_peak_mem": ratio(mem["sudoku_deq"], mem["sudoku_gnn"]),
+        "la_vs_gnn_speed": ratio(speed["learned_adjacency"], speed["sudoku_gnn"])}
     write_results(cfg.out_dir, results)
     print(f"final: sudoku_gnn {fmt(speed['sudoku_gnn'], ' puzzles/s')} = {fmt(ratios['gnn_vs_naive_eager'])} naive "
           f"eager, {fmt(ratios['gnn_vs_naive_compiled'])} naive compiled | sudoku_deq speed "
-          f"{fmt(ratios['deq_vs_gnn_speed'])}, peak memory {fmt(ratios['deq_vs_gnn_peak_mem'])} sudoku_gnn's")
+          f"{fmt(ratios['deq_vs_gnn_speed'])}, peak memory {fmt(ratios['deq_vs_gnn_peak_mem'])} sudoku_gnn's | "
+          f"learned_adjacency speed {fmt(ratios['la_vs_gnn_speed'])}")
     return results
 
 

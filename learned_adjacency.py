@@ -9,11 +9,15 @@ time). Sampling is not differentiable, so the sampler learns from the surrogate 
 graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i), with a PER-CELL reward r_i = -(cell i's
 cross-entropy after the FIRST iteration: it depends on cell i's own draw alone, so the per-cell estimator is
 unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other graphs drawn for the same puzzle)
-and an entropy bonus on each of the K draws (below). q(S_i) is the probability of the ORDERED draw: sum_t [log
-p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the estimator unbiased (the set's gradient
-is the expectation of the ordered one given the set). Adjacency precision/recall against the true peers is a metric
-only: the row/column/box structure appears nowhere in the model or the loss, and the data's augmentation (digits
-relabelled, rows and columns shuffled within bands and stacks, transposes) maps the graph onto itself.
+and an entropy bonus on each of the K draws (below). Each puzzle's --n_graphs draws are scored by the GNN's first
+iteration alone (--reward_iters), without gradient; the GNN itself trains (loss after every iteration) on ONE of
+them, the first draw (--gnn_graph sampled; topk: the top-K graph; all: every draw, n_graphs times the cost), so a
+step costs about a sudoku_gnn step on the same batch plus n_graphs forward iterations and the sampler. q(S_i) is
+the probability of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set
+keeps the estimator unbiased (the set's gradient is the expectation of the ordered one given the set). Adjacency
+precision/recall against the true peers is a metric only: the row/column/box structure appears nowhere in the model
+or the loss, and the data's augmentation (digits relabelled, rows and columns shuffled within bands and stacks,
+transposes) maps the graph onto itself.
 
 Why it learns: at uniform sampling a neighbour's digit says almost nothing (a random other cell holds cell i's digit
 with chance 8/80, any other digit 9/80), so the GNN's use of edges, and with it the sampler's signal, starts near
@@ -28,21 +32,22 @@ the whole batch), as the sudoku graph is the same for every puzzle. Every run be
 
 Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
 precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
-99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32. sudoku_gnn's cure (the progressive loss and
-the settle penalty) stalls the sampler if used from the start (93.0%: the reward is the FIRST iteration's loss,
-which it trains less), so it runs only in the last --refine fraction of the steps. Adaptive compute: a puzzle stops
-once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
+99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (with --refine) as many as
+sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if used from the start
+(93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the last --refine
+fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations
+(no sudoku rules needed).
 
-Headline (128 puzzles x 4 graphs per step, trained with 32 iterations, evaluated with 64):
+Headline (512 puzzles x 4 graph draws per step, the GNN trained with 32 iterations on one, evaluated with 64):
     python learned_adjacency.py --iters 64
 GPU result: not yet measured.
 CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
         --max_givens 50 --curriculum 0 --train_iters 4 --iters 32 --steps 9600 --batch_size 16 --warmup 20 \\
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-CPU result (seeds 0 / 1; 2,016 / 2,112 s, 83 / 79 puzzles/s): top-K precision 99.5 / 97.8%, RRN test solved after
-32 iterations 19.4 / 7.2% (sudoku_gnn, same flags, 4,800 steps: 32.2 / 31.1%), adaptive 22.2 / 9.4%; at 64
-iterations 1.3 / 0.6%, adaptive 20.0 / 7.7%. Every run: README, "learned_adjacency.py".
+CPU result (seeds 0-3, two runs at a time; 1,223-1,481 s, 114-140 puzzles/s): top-K precision 99.5 / 97.5 / 97.8 /
+100.0%, RRN test solved after 32 iterations 25.0 / 6.7 / 5.6 / 32.8% (sudoku_gnn, same flags, 4,800 steps, seeds
+0 / 1: 30.0 / 36.7% in 239 / 241 s), adaptive 21.1 / 4.4 / 10.6 / 31.1%. Every run: README, "learned_adjacency.py".
 """
 import math
 import os
@@ -80,8 +85,8 @@ class Config:
     # training
     train_iters: int = 32  # GNN iterations with gradient, loss after every one
     steps: int = 30000
-    batch_size: int = 128  # puzzles per step; each is run on n_graphs sampled graphs
-    n_graphs: int = 4  # graphs drawn per puzzle (RLOO needs >= 2)
+    batch_size: int = 512  # puzzles per step, as in sudoku_gnn
+    n_graphs: int = 4  # graphs drawn per puzzle to score the sampler (RLOO needs >= 2)
     lr: float = 2e-3  # GNN learning rate
     sampler_lr: float = 1e-2  # graph sampler learning rate (surrogate loss only); 1e-2 learned at CPU scale
     sampler_decay: bool = False  # cosine-decay the sampler's lr like the GNN's; off: constant after the warm-up
@@ -92,7 +97,7 @@ class Config:
     entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # reward: -(cell i's cross-entropy) over the first this-many iterations (> 1: biased)
-    gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk")})  # graphs the GNN's loss uses
+    gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk", "all")})  # see docstring
     refine: float = 0.2  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
     settle: float = 0.3  # weight of sudoku_gnn's fixed-point penalty in those steps: mean of ||cell(h_T) - h_T||^2
     seed: int = 0
@@ -179,27 +184,20 @@ def gumbel_topk(logp, k, generator):
     return (logp - torch.log(-torch.log(u))).topk(k, -1).indices
 
 
-def ordered_log_prob(logp, idx):
-    """log q of an ordered draw without replacement: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))].
-    The mass still available at draw t is (mass never drawn) + (mass drawn at t or later): two sums of positive
-    terms, so it never cancels to 0 when p is peaked. logp (..., N), idx (..., k) -> (...)."""
-    lp = logp.gather(-1, idx)  # (..., k)
-    log_rest = logp.scatter(-1, idx, NEG).logsumexp(-1, keepdim=True)  # (..., 1)
-    log_tail = lp.flip(-1).logcumsumexp(-1).flip(-1)  # (..., k): log sum_{u>=t} p(s_u)
-    return (lp - torch.logaddexp(log_rest, log_tail)).sum(-1)
-
-
-def draw_entropy(logp, idx):
-    """Mean entropy of the k conditionals an ordered draw picked from (draw t: p renormalised over the cells not
-    drawn before t). With R_t the mass still available and M_t = sum over those cells of -p log p, the entropy is
-    log R_t + M_t / R_t; both sums are split like ordered_log_prob's, so nothing cancels when p is peaked.
-    logp (..., N), idx (..., k) -> scalar."""
+def ordered_draw(logp, idx):
+    """log q of ordered draws without replacement, and the mean entropy of the k conditionals each picked from.
+    Draw t picks from p renormalised over the cells not drawn before t. Their mass R_t is (mass never drawn) + (mass
+    drawn at t or later): two sums of positive terms, so it never cancels to 0 when p is peaked. log q = sum_t
+    [log p(s_t) - log R_t]; with M_t the same split sum of -p log p, draw t's entropy is log R_t + M_t / R_t.
+    logp (..., N) or broadcastable to it (one table for many draws), idx (..., k) -> log q (...), entropy (scalar)."""
     def log_left(terms):  # log of the sum of exp(terms) over the cells not yet drawn, at each draw t: (..., k)
+        terms = terms.expand(*idx.shape[:-1], terms.shape[-1])
         return torch.logaddexp(terms.scatter(-1, idx, NEG).logsumexp(-1, keepdim=True),
                                terms.gather(-1, idx).flip(-1).logcumsumexp(-1).flip(-1))
     log_r = log_left(logp)
-    log_m = log_left(logp + (-logp).clamp_min(1e-30).log())  # log(-p log p)
-    return (log_r + (log_m - log_r).exp()).mean()
+    log_m = log_left(logp + (-logp).clamp_min(1e-30).log())  # log(-p log p), before the expansion over the draws
+    logq = (logp.expand(*idx.shape[:-1], logp.shape[-1]).gather(-1, idx) - log_r).sum(-1)
+    return logq, (log_r + (log_m - log_r).exp()).mean()
 
 
 def surrogate(logq, reward, baseline, ema=None):
@@ -272,38 +270,41 @@ def cell_losses(logits, sol):  # logits (T, B, 81, 9), sol (B, 81) 1..9 -> cross
 
 def gnn_loss(gnn, quiz, sol, nbrs, cfg, skip=0, settle=0.0):
     """sudoku_gnn's training loss on the graphs nbrs: cross-entropy after each of train_iters iterations from a state
-    `skip` iterations deep (reached without gradient), plus `settle` x the move of one more iteration. -> loss, and
-    the cross-entropy (skip + train_iters, B, 81) of every iteration from the start, for the reward."""
-    ce, h = [], None
-    if skip:
-        with torch.no_grad():
-            logits, h = gnn(quiz, nbrs, skip)
-            ce.append(cell_losses(logits, sol))
+    `skip` iterations deep (reached without gradient), plus `settle` x the move of one more iteration."""
+    with torch.no_grad():
+        h = gnn(quiz, nbrs, skip)[1] if skip else None
     logits, h = gnn(quiz, nbrs, cfg.train_iters, h)
-    ce.append(cell_losses(logits, sol))
-    loss = ce[-1].mean()
+    loss = cell_losses(logits, sol).mean()
     if settle:  # one more iteration should leave the final state where it is: a fixed point
         loss = loss + settle * (gnn(quiz, nbrs, 1, h)[1].float() - h.float()).pow(2).sum(-1).mean()
-    return loss, torch.cat(ce)
+    return loss
 
 
 def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
-    """n_graphs graphs per puzzle, the GNN run on each -> GNN loss, logq and per-cell reward (G, B, 81), the draws'
-    entropy. --gnn_graph topk: the draws only score the sampler (reward_iters iterations, no gradient) and the GNN's
-    loss is taken on each puzzle's top-K graph. skip, settle: gnn_loss's (the --refine steps)."""
+    """n_graphs graphs drawn per puzzle, each scored by the GNN's first reward_iters iterations (no gradient), and the
+    GNN's loss on the graphs --gnn_graph picks (first draw, top-K, every draw) -> GNN loss, logq and per-cell reward
+    (G, B, 81), the draws' entropy. skip, settle: gnn_loss's (the --refine steps)."""
     logp = model.sampler(quiz)  # (B, 81, 81)
     G = cfg.n_graphs
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
-    logq = ordered_log_prob(logp.expand(G, -1, -1, -1), nbrs)  # (G, B, 81)
-    entropy = draw_entropy(logp.expand(G, -1, -1, -1), nbrs)
-    if cfg.gnn_graph == "sampled":
-        loss, ce = gnn_loss(model.gnn, quiz.repeat(G, 1), sol.repeat(G, 1), nbrs.flatten(0, 1), cfg, skip, settle)
+    logq, entropy = ordered_draw(logp, nbrs)  # (G, B, 81), scalar
+    with torch.no_grad():
+        ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
+    reward = -ce.mean(0).view(logq.shape)
+    if cfg.gnn_graph == "all":
+        quiz, sol, graph = quiz.repeat(G, 1), sol.repeat(G, 1), nbrs.flatten(0, 1)
     else:
-        with torch.no_grad():  # the draws only score the sampler
-            ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
-        loss, _ = gnn_loss(model.gnn, quiz, sol, logp.detach().topk(cfg.k, -1).indices, cfg, skip, settle)
-    reward = -ce[:cfg.reward_iters].detach().mean(0).view(logq.shape)  # ce: (iterations from the start, G*B, 81)
-    return loss, logq, reward, entropy
+        graph = nbrs[0] if cfg.gnn_graph == "sampled" else logp.detach().topk(cfg.k, -1).indices
+    return gnn_loss(model.gnn, quiz, sol, graph, cfg, skip, settle), logq, reward, entropy
+
+
+def train_loss(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
+    """A training step's loss: the GNN's, the sampler's surrogate, minus the entropy bonus -> it, the GNN's loss, and
+    the reward (G, B, 81) and draws' entropy that update the EMA baseline and the bonus weight after the step."""
+    loss_gnn, logq, reward, entropy = draw_graphs(model, quiz, sol, cfg, gen, skip, settle)
+    ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
+    bonus = cfg.entropy * log_gain.exp() * entropy
+    return loss_gnn + surrogate(logq, reward, cfg.baseline, ema) - bonus, loss_gnn, reward, entropy
 
 
 # ---------------------------------------------------------------- metrics
@@ -496,11 +497,9 @@ def main(cfg):
                 refining = i >= cfg.steps - round(cfg.refine * cfg.steps)
                 skip = int(torch.randint(cfg.train_iters, (1,), generator=host_gen)) if refining else 0
                 with autocast(device, dtype):
-                    loss_gnn, logq, reward, entropy = draw_graphs(model, quiz, sol, cfg, graph_gen, skip,
-                                                                  cfg.settle * refining)
-                    ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
-                    bonus = cfg.entropy * log_gain.exp() * entropy
-                    loss = loss_gnn + surrogate(logq, reward, cfg.baseline, ema) - bonus
+                    loss, loss_gnn, reward, entropy = train_loss(model, quiz, sol, cfg, graph_gen, skip,
+                                                                 cfg.settle * refining)
+                ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.gnn.parameters(), 1.0)

@@ -55,9 +55,11 @@ def test_a_failing_model_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     bs.main(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     models, ratios = results["models"], results["ratios"]
-    assert list(models) == ["naive_eager", "sudoku_gnn", "sudoku_deq"]  # the compiled baseline is CUDA only
+    assert list(models) == ["naive_eager", "sudoku_gnn", "sudoku_deq", "learned_adjacency"]  # compiled naive: CUDA
     assert "out of memory" in models["naive_eager"]["error"]
-    for name in ("sudoku_gnn", "sudoku_deq"):
+    for name in ("sudoku_gnn", "sudoku_deq", "learned_adjacency"):
         assert models[name]["puzzles_per_s"] > 0 and models[name]["peak_mem_gb"] is None, models[name]
     assert ratios["gnn_vs_naive_eager"] is None and ratios["deq_vs_gnn_peak_mem"] is None
-    assert ratios["deq_vs_gnn_speed"] == models["sudoku_deq"]["puzzles_per_s"] / models["sudoku_gnn"]["puzzles_per_s"]
+    speed = {name: models[name]["puzzles_per_s"] for name in models if name != "naive_eager"}
+    assert ratios["deq_vs_gnn_speed"] == speed["sudoku_deq"] / speed["sudoku_gnn"]
+    assert ratios["la_vs_gnn_speed"] == speed["learned_adjacency"] / speed["sudoku_gnn"]
