@@ -5,16 +5,17 @@ naive recurrent relational network (the Palm et al. 2018 update as it is usually
 concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM update
 that re-reads the input, the loss after every iteration), eager and compiled, against one real training step of
 sudoku_gnn.py (with its progressive depth and --settle iteration), of sudoku_deq.py (forward solve, implicit
-backward, spectral penalty) and of learned_adjacency.py (4 graph draws per puzzle, each scored by one iteration, the
-GNN trained on one; a step outside its --refine phase) at the same width, iterations and batch. The baseline is
-lighter than RRN itself (a 2-layer message MLP, no input MLP), so the ratios understate the gain; they measure
-sudoku_gnn's whole design against it: the factorised message with its gather-free peer sum, the compiled cell, and a
-GRU with a normalised message sum in place of the LSTM (plus its progressive and --settle iterations, which the
-baseline does not pay for). Each model runs --warmup untimed steps (torch.compile happens there), then --steps timed
-ones on batches from the training sampler. The eager baseline runs at batch 64, the compiled one at --batch_size,
-like the other models. Writes out/bench_sudoku/results.json after every model (a failed one is recorded and the rest
-still run): puzzles/s, ms per step, the peak memory of the timed steps and what was resident before them (CUDA), and
-the ratios sudoku_gnn / naive (sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations), sudoku_deq /
+backward, spectral penalty) and of learned_adjacency.py (its --n_graphs draws per puzzle, each scored by one
+iteration, the GNN trained on one; a step outside its last --refine fraction of steps, which also runs forward-only
+iterations, as every sudoku_gnn step does) at the same width, iterations and batch. The baseline is lighter than RRN
+itself (a 2-layer message MLP, no input MLP), so the ratios understate the gain; they measure sudoku_gnn's whole
+design against it: the factorised message with its gather-free peer sum, the compiled cell, and a GRU with a
+normalised message sum in place of the LSTM (plus its progressive and --settle iterations, which the baseline does
+not pay for). Each model runs --warmup untimed steps (torch.compile happens there), then --steps timed ones on
+batches from the training sampler. The eager baseline runs at batch 64, the compiled one at --batch_size, like the
+other models. Writes out/bench_sudoku/results.json after every model (a failed one is recorded and the rest still
+run): puzzles/s, ms per step, the peak memory of the timed steps and what was resident before them (CUDA), and the
+ratios sudoku_gnn / naive (sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations), sudoku_deq /
 sudoku_gnn in speed and peak memory (sudoku_deq's target: <= 25%), and learned_adjacency / sudoku_gnn in speed (both
 default to 30,000 steps; its training-time target is <= 3x sudoku_gnn's).
 

@@ -11,13 +11,13 @@ cross-entropy after the FIRST iteration: it depends on cell i's own draw alone, 
 unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other graphs drawn for the same puzzle)
 and an entropy bonus on each of the K draws (below). Each puzzle's --n_graphs draws are scored by the GNN's first
 iteration alone (--reward_iters), without gradient; the GNN itself trains (loss after every iteration) on ONE of
-them, the first draw (--gnn_graph sampled; topk: the top-K graph; all: every draw, n_graphs times the cost), so a
-step costs about a sudoku_gnn step on the same batch plus n_graphs forward iterations and the sampler. q(S_i) is
-the probability of the ORDERED draw: sum_t [log p(s_t) - log(1 - sum_{u<t} p(s_u))]; using it for the unordered set
-keeps the estimator unbiased (the set's gradient is the expectation of the ordered one given the set). Adjacency
-precision/recall against the true peers is a metric only: the row/column/box structure appears nowhere in the model
-or the loss, and the data's augmentation (digits relabelled, rows and columns shuffled within bands and stacks,
-transposes) maps the graph onto itself.
+them, the first draw (--gnn_graph one_draw; topk: the top-K graph; all_draws: every draw, n_graphs times the cost),
+so a step costs about a sudoku_gnn step on the same batch without its progressive iterations, plus n_graphs x
+reward_iters forward iterations and the sampler. q(S_i) is the probability of the ORDERED draw: sum_t [log p(s_t) -
+log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the estimator unbiased (the set's gradient is the
+expectation of the ordered one given the set). Adjacency precision/recall against the true peers is a metric only:
+the row/column/box structure appears nowhere in the model or the loss, and the data's augmentation (digits
+relabelled, rows and columns shuffled within bands and stacks, transposes) maps the graph onto itself.
 
 Why it learns: at uniform sampling a neighbour's digit says almost nothing (a random other cell holds cell i's digit
 with chance 8/80, any other digit 9/80), so the GNN's use of edges, and with it the sampler's signal, starts near
@@ -32,10 +32,10 @@ the whole batch), as the sudoku graph is the same for every puzzle. Every run be
 
 Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
 precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
-99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (with --refine) as many as
-sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if used from the start
-(93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the last --refine
-fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations
+99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (one CPU seed, with --refine)
+about as many as sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if
+used from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the
+last --refine fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations
 (no sudoku rules needed).
 
 Headline (512 puzzles x 4 graph draws per step, the GNN trained with 32 iterations on one, evaluated with 64):
@@ -97,7 +97,7 @@ class Config:
     entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # reward: -(cell i's cross-entropy) over the first this-many iterations (> 1: biased)
-    gnn_graph: str = field(default="sampled", metadata={"choices": ("sampled", "topk", "all")})  # see docstring
+    gnn_graph: str = field(default="one_draw", metadata={"choices": ("one_draw", "topk", "all_draws")})  # docstring
     refine: float = 0.2  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
     settle: float = 0.3  # weight of sudoku_gnn's fixed-point penalty in those steps: mean of ||cell(h_T) - h_T||^2
     seed: int = 0
@@ -291,10 +291,10 @@ def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
     with torch.no_grad():
         ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
     reward = -ce.mean(0).view(logq.shape)
-    if cfg.gnn_graph == "all":
+    if cfg.gnn_graph == "all_draws":
         quiz, sol, graph = quiz.repeat(G, 1), sol.repeat(G, 1), nbrs.flatten(0, 1)
     else:
-        graph = nbrs[0] if cfg.gnn_graph == "sampled" else logp.detach().topk(cfg.k, -1).indices
+        graph = nbrs[0] if cfg.gnn_graph == "one_draw" else logp.detach().topk(cfg.k, -1).indices
     return gnn_loss(model.gnn, quiz, sol, graph, cfg, skip, settle), logq, reward, entropy
 
 

@@ -3,6 +3,7 @@ enumeration), precision/recall are right on known graphs, the GNN reads only the
 first-iteration reward of a cell depends on its own draw alone), the sampler reads the digits only when asked, and
 a tiny CPU run learns a graph far better than uniform through the surrogate loss alone."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -65,8 +66,9 @@ def test_draw_entropy_matches_the_conditionals(scale):
     assert torch.allclose(fast, masked, rtol=1e-10) and torch.allclose(fast32.double(), masked, rtol=1e-4)
     g_fast, g_masked, g_32 = (torch.autograd.grad(e, theta, retain_graph=True)[0] for e in (fast, masked, fast32))
     assert torch.allclose(g_fast, g_masked, atol=1e-12) and torch.allclose(g_32, g_masked, atol=1e-5)
-    one_table, copies = la.ordered_draw(logp[:1], idx), la.ordered_draw(logp[:1].expand(2, -1, -1), idx)
-    assert all(torch.equal(a, b) for a, b in zip(one_table, copies))
+    cond = logp[:1].unsqueeze(-2).masked_fill((hot.cumsum(-2) - hot).bool(), la.NEG).log_softmax(-1)
+    one_table = la.ordered_draw(logp[:1], idx)[1]  # one (1, 30, 81) table for both draws of each row
+    assert torch.allclose(one_table, -(cond.exp() * cond).sum(-1).mean(), rtol=1e-10)
 
 
 def estimate_gradient(baseline, log_prob_fn, seed, batches=40, per_batch=2000, G=4):
@@ -150,7 +152,7 @@ def test_gnn_reads_only_the_sampled_neighbours():
 def test_gnn_graph_moves_only_the_gnn_loss():
     """--gnn_graph: the sampler's draws, log-probabilities, reward and entropy are the same in every mode (same
     generator state), the reward is each draw's first reward_iters iterations, and the GNN's loss and its gradient are
-    those of the GNN run on the first draw (sampled), the top-K graph (topk) or every draw (all)."""
+    those of the GNN run on the first draw (one_draw), the top-K graph (topk) or every draw (all_draws)."""
     torch.manual_seed(0)
     cfg = la.Config(width=16, msg_width=16, sampler_width=16, train_iters=3, reward_iters=2)
     model = la.Model(cfg)
@@ -159,8 +161,8 @@ def test_gnn_graph_moves_only_the_gnn_loss():
     gnn, G = list(model.gnn.parameters()), cfg.n_graphs
     logp = model.sampler(quiz)
     draws = la.gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, torch.Generator().manual_seed(1))
-    graphs = {"sampled": (quiz, sol, draws[0]), "topk": (quiz, sol, logp.topk(cfg.k, -1).indices),
-              "all": (quiz.repeat(G, 1), sol.repeat(G, 1), draws.flatten(0, 1))}
+    graphs = {"one_draw": (quiz, sol, draws[0]), "topk": (quiz, sol, logp.topk(cfg.k, -1).indices),
+              "all_draws": (quiz.repeat(G, 1), sol.repeat(G, 1), draws.flatten(0, 1))}
     first = None
     for mode, (q, s, graph) in graphs.items():
         loss, logq, reward, entropy = la.draw_graphs(model, quiz, sol, la.replace(cfg, gnn_graph=mode),
@@ -175,6 +177,22 @@ def test_gnn_graph_moves_only_the_gnn_loss():
         assert torch.allclose(loss, expected)
         for got, want in zip(torch.autograd.grad(loss, gnn), torch.autograd.grad(expected, gnn)):
             assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_train_loss_adds_the_surrogate_and_the_entropy_bonus():
+    """A step's loss: the GNN's, plus the surrogate with the EMA baseline, minus the bonus at weight
+    --entropy * e^entropy_log_gain (both buffers as they are before the step updates them)."""
+    torch.manual_seed(0)
+    cfg = la.Config(width=16, msg_width=16, sampler_width=16, train_iters=2, baseline="ema", entropy=0.05)
+    model = la.Model(cfg)
+    torch.nn.init.normal_(model.sampler.qk.weight)
+    model.sampler.reward_ema.normal_(), model.sampler.entropy_log_gain.fill_(0.7)
+    quiz, sol = torch.randint(10, (3, 81)), torch.randint(1, 10, (3, 81))
+    loss, loss_gnn, reward, entropy = la.train_loss(model, quiz, sol, cfg, torch.Generator().manual_seed(1))
+    parts = la.draw_graphs(model, quiz, sol, cfg, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip((loss_gnn, reward, entropy), parts[:1] + parts[2:]))
+    surrogate = la.surrogate(parts[1], reward, "ema", model.sampler.reward_ema)
+    assert torch.allclose(loss, loss_gnn + surrogate - 0.05 * math.exp(0.7) * entropy)
 
 
 def test_refine_loss_starts_deep_and_settles():
