@@ -182,7 +182,7 @@ def main(cfg):
         model = learned_adjacency.Model(la_cfg).to(device)
         model.gnn.cell.forward = maybe_compile(model.gnn.cell.forward, cfg.compile, device)  # as its script does
 
-        def loss_of(quiz, sol):  # the GNN on one draw, 4 draws scored, the sampler's surrogate and entropy bonus
+        def loss_of(quiz, sol):  # the GNN on one draw, every draw scored, the sampler's surrogate and bonus
             return learned_adjacency.train_loss(model, quiz, sol, la_cfg, gen)[0]
         return trainer(model, loss_of, batch, pool, gen, device, dtype)
 

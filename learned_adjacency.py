@@ -32,11 +32,11 @@ the whole batch), as the sudoku graph is the same for every puzzle. Every run be
 
 Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
 precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
-99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (one CPU seed, with --refine)
-about as many as sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if
-used from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the
-last --refine fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE iterations
-(no sudoku rules needed).
+99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (one CPU seed, with --refine) about
+as many as sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if used
+from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the last
+--refine fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE
+iterations (no sudoku rules needed).
 
 Headline (512 puzzles x 4 graph draws per step, the GNN trained with 32 iterations on one, evaluated with 64):
     python learned_adjacency.py --iters 64

@@ -55,7 +55,7 @@ def test_ordered_log_prob_matches_enumeration(theta):
 def test_draw_entropy_matches_the_conditionals(scale):
     """The entropy of each draw's renormalised conditional, written out by masking the earlier draws, matches the
     O(N + k) formula in value and gradient (float64); in float32 it stays within float32 rounding, NaN-free. One
-    table broadcast over many draws gives what the table copied for each draw gives."""
+    table broadcast over many draws matches the masked formula on that table."""
     theta = (torch.randn(2, 30, 81, generator=torch.Generator().manual_seed(0)) * scale).requires_grad_(True)
     idx = la.gumbel_topk(theta.detach().log_softmax(-1), 20, torch.Generator().manual_seed(1))  # (2, 30, 20)
     hot = torch.nn.functional.one_hot(idx, 81)
@@ -169,7 +169,8 @@ def test_gnn_graph_moves_only_the_gnn_loss():
                                                      torch.Generator().manual_seed(1))
         if first is None:
             first = logq, reward, entropy
-            ce = la.cell_losses(model.gnn(quiz.repeat(G, 1), draws.flatten(0, 1), 2)[0], sol.repeat(G, 1))
+            logits = model.gnn(quiz.repeat(G, 1), draws.flatten(0, 1), cfg.reward_iters)[0]
+            ce = la.cell_losses(logits, sol.repeat(G, 1))
             assert torch.allclose(reward, -ce.mean(0).view(reward.shape))
             assert torch.allclose(logq, la.ordered_draw(logp, draws)[0])
         assert all(torch.allclose(a, b) for a, b in zip((logq, reward, entropy), first))
