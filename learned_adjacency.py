@@ -45,9 +45,10 @@ CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
         --max_givens 50 --curriculum 0 --train_iters 4 --iters 32 --steps 9600 --batch_size 16 --warmup 20 \\
         --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-CPU result (seeds 0-3, two runs at a time; 1,223-1,481 s, 114-140 puzzles/s): top-K precision 99.5 / 97.5 / 97.8 /
-100.0%, RRN test solved after 32 iterations 25.0 / 6.7 / 5.6 / 32.8% (sudoku_gnn, same flags, 4,800 steps, seeds
-0 / 1: 30.0 / 36.7% in 239 / 241 s), adaptive 21.1 / 4.4 / 10.6 / 31.1%. Every run: README, "learned_adjacency.py".
+CPU result (seeds 0-3, two runs at a time, partly beside other work; 1,223-1,481 s, 114-140 puzzles/s): top-K
+precision 99.5 / 97.5 / 97.8 / 100.0%, RRN test solved after 32 iterations 25.0 / 6.7 / 5.6 / 32.8% (sudoku_gnn,
+same flags, 4,800 steps, seeds 0 / 1: 30.0 / 36.7% in 239 / 241 s), adaptive 21.1 / 4.4 / 10.6 / 31.1%. Every run:
+README, "learned_adjacency.py".
 """
 import math
 import os
