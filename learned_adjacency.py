@@ -32,23 +32,23 @@ the whole batch), as the sudoku graph is the same for every puzzle. Every run be
 
 Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
 precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
-99.9% (8,000 CPU steps) it solved 11.7% after 8 iterations, 0% after 32; at 100% (one CPU seed, with --refine) about
-as many as sudoku_gnn. sudoku_gnn's cure (the progressive loss and the settle penalty) stalls the sampler if used
-from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs only in the last
+99.9% it solved 11.7% after 8 iterations, 0% after 32; at 100% as many as sudoku_gnn after 9,600 CPU steps (one
+seed), 38% as many after 4,800 (four seeds). sudoku_gnn's cure (progressive loss, settle penalty) stalls the sampler
+if used from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs in the last
 --refine fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE
 iterations (no sudoku rules needed).
 
 Headline (512 puzzles x 4 graph draws per step, the GNN trained with 32 iterations on one, evaluated with 64):
     python learned_adjacency.py --iters 64
 GPU result: not yet measured.
-CPU-scale version (easy puzzles, 40-50 givens, small model), 1 thread:
-    python learned_adjacency.py --device cpu --width 32 --msg_width 32 --sampler_width 32 --min_givens 40 \\
-        --max_givens 50 --curriculum 0 --train_iters 4 --iters 32 --steps 9600 --batch_size 16 --warmup 20 \\
-        --lr 1e-2 --n_test 10 --eval_every 400 --var_draws 8 --seed S
-CPU result (seeds 0-3, two runs at a time, partly beside other work; 1,223-1,481 s, 114-140 puzzles/s): top-K
-precision 99.5 / 97.5 / 97.8 / 100.0%, RRN test solved after 32 iterations 25.0 / 6.7 / 5.6 / 32.8% (sudoku_gnn,
-same flags, 4,800 steps, seeds 0 / 1: 30.0 / 36.7% in 239 / 241 s), adaptive 21.1 / 4.4 / 10.6 / 31.1%. Every run:
-README, "learned_adjacency.py".
+CPU-scale version (easy puzzles, 40-50 givens, small GNN, the default sampler), 1 thread:
+    python learned_adjacency.py --device cpu --width 32 --msg_width 32 --min_givens 40 --max_givens 50 \\
+        --curriculum 0 --train_iters 4 --iters 32 --steps 4800 --batch_size 16 --warmup 20 --lr 1e-2 --n_test 10 \\
+        --eval_every 400 --var_draws 8 --seed S
+CPU result (seeds 0-3, two runs at a time; 595-626 s, 137-142 puzzles/s): top-K precision 100.0% on all four (from
+step 2,400-4,000), RRN test solved after 32 iterations 8.3 / 16.1 / 7.8 / 17.8% (sudoku_gnn, same flags, seeds 0 /
+1: 30.0 / 36.7% in 261 / 260 s, 2.3x less time), adaptive 8.9 / 13.9 / 7.2 / 17.2%. Every run: README,
+"learned_adjacency.py".
 """
 import math
 import os
