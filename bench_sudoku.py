@@ -5,9 +5,10 @@ naive recurrent relational network (the Palm et al. 2018 update as it is usually
 concatenated (h_i, h_j) of each of the 1,620 directed edges, summed into each node with index_add, an LSTM update
 that re-reads the input, the loss after every iteration), eager and compiled, against one real training step of
 sudoku_gnn.py (with its progressive depth and --settle iteration), of sudoku_deq.py (forward solve, implicit
-backward, spectral penalty) and of learned_adjacency.py (its --n_graphs draws per puzzle, each scored by one
-iteration, the GNN trained on one; a step outside its last --refine fraction of steps, which also runs forward-only
-iterations, as every sudoku_gnn step does) at the same width, iterations and batch. The baseline is lighter than RRN
+backward, spectral penalty) and of learned_adjacency.py (a step of its first phase, which learns the graph: its
+--n_graphs draws per puzzle, each scored by one iteration, the GNN trained on one, without the forward-only
+iterations of the progressive loss that every sudoku_gnn step runs; its later steps train a fresh GNN on the frozen
+graph, about a sudoku_gnn step) at the same width, iterations and batch. The baseline is lighter than RRN
 itself (a 2-layer message MLP, no input MLP), so the ratios understate the gain; they measure sudoku_gnn's whole
 design against it: the factorised message with its gather-free peer sum, the compiled cell, and a GRU with a
 normalised message sum in place of the LSTM (plus its progressive and --settle iterations, which the baseline does
@@ -17,7 +18,8 @@ other models. Writes out/bench_sudoku/results.json after every model (a failed o
 run): puzzles/s, ms per step, the peak memory of the timed steps and what was resident before them (CUDA), and the
 ratios sudoku_gnn / naive (sudoku_gnn's target: >= 15k puzzles/s at width 96 and 32 iterations), sudoku_deq /
 sudoku_gnn in speed and peak memory (sudoku_deq's target: <= 25%), and learned_adjacency / sudoku_gnn in speed (both
-default to 30,000 steps; its training-time target is <= 3x sudoku_gnn's).
+default to 30,000 steps, learned_adjacency's first 30% learning the graph; its training-time target is <= 3x
+sudoku_gnn's).
 
     python bench_sudoku.py                              # CUDA: width 96, 32 iterations, batch 512 (naive eager 64)
     python bench_sudoku.py --device cpu --width 32 --msg_width 32 --train_iters 8 --batch_size 32 --naive_batch 32

@@ -2,53 +2,43 @@
 
 sudoku_gnn.py hand-codes the graph (each cell talks to its 20 row/column/box peers). Here the model sees only the 81
 cell tokens (digit embedding + learned position) and must find the graph itself. A small transformer over the 81
-position tokens (the digits go to the GNN: see "Why it learns") gives, from its top attention head, for every cell i
-probabilities p(j | i) over the 80 other cells; K neighbours per cell are SAMPLED without replacement (Gumbel-top-k)
-and handed to a recurrent GNN of sudoku_gnn's family (loss after every iteration, so it can run longer at test
-time). Sampling is not differentiable, so the sampler learns from the surrogate loss of stochastic computation
-graphs (Schulman et al. 2015): sum_i log q(S_i) * stopgrad(r_i - b_i), with a PER-CELL reward r_i = -(cell i's
-cross-entropy after the FIRST iteration: it depends on cell i's own draw alone, so the per-cell estimator is
-unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other graphs drawn for the same puzzle)
-and an entropy bonus on each of the K draws (below). Each puzzle's --n_graphs draws are scored by the GNN's first
-iteration alone (--reward_iters), without gradient; the GNN itself trains (loss after every iteration) on ONE of
-them, the first draw (--gnn_graph one_draw; topk: the top-K graph; all_draws: every draw, n_graphs times the cost),
-so a step costs about a sudoku_gnn step on the same batch without its progressive iterations, plus n_graphs x
-reward_iters forward iterations and the sampler. q(S_i) is the probability of the ORDERED draw: sum_t [log p(s_t) -
-log(1 - sum_{u<t} p(s_u))]; using it for the unordered set keeps the estimator unbiased (the set's gradient is the
-expectation of the ordered one given the set). Adjacency precision/recall against the true peers is a metric only:
-the row/column/box structure appears nowhere in the model or the loss, and the data's augmentation (digits
-relabelled, rows and columns shuffled within bands and stacks, transposes) maps the graph onto itself.
+positions gives, from its top attention head, for every cell i probabilities p(j | i) over the 80 other cells; K
+neighbours per cell are SAMPLED without replacement (Gumbel-top-k) and handed to a recurrent GNN of sudoku_gnn's
+family (loss after every iteration, so it can run longer at test time). Sampling is not differentiable, so the
+sampler learns from the surrogate loss of stochastic computation graphs (Schulman et al. 2015): sum_i log q(S_i) *
+stopgrad(r_i - b_i), q the probability of the ordered draw (unbiased for the set too), a PER-CELL reward r_i =
+-(cell i's cross-entropy after the GNN's FIRST iteration, which depends on cell i's own draw alone: the per-cell
+estimator is unbiased), a baseline b_i (none | EMA per cell | RLOO = mean reward of the other --n_graphs draws of
+the same puzzle, each scored without gradient; the GNN trains on the first) and an entropy bonus. The row/column/box
+structure appears nowhere in the model or the loss (precision/recall against the true peers is a metric only), and
+the augmentation (relabelled digits, rows/columns shuffled within bands/stacks, transposes) maps the graph to itself.
 
-Why it learns: at uniform sampling a neighbour's digit says almost nothing (a random other cell holds cell i's digit
-with chance 8/80, any other digit 9/80), so the GNN's use of edges, and with it the sampler's signal, starts near
-zero. To shorten that start the head reads the (unit-scale) position embeddings directly, beside its path through
-the transformer (which starts at zero), the mean message is layer-normalised, and the GNN has no position embedding,
-so an edge is worth exactly what the sampler made it. The entropy bonus is the mean entropy of the K conditionals
-the draw picked from (draw t: p renormalised over the cells not yet drawn; a regulariser, differentiated with the
-draws held fixed); on p(j | i) alone it sees only the first draw, and p collapsed at 68%. Its weight is a floor:
-while the draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12)
-log(weight) grows by 0.01 per step per nat short. The sampler reads the 81 positions only (one table per step for
-the whole batch), as the sudoku graph is the same for every puzzle. Every run behind these choices: README.
+Two phases. While the sampler learns (the first --graph_steps of the steps) the GNN is its reward model: it reads
+digits only, so an edge is worth what the sampler made it, and the transformer reads positions only (the sudoku graph
+is the same for every puzzle: one table per step). Then the graph is frozen at its top-K, and a FRESH GNN with a
+position embedding, sudoku_gnn's progressive loss and settle penalty (--refine) and its own lr schedule trains on it:
+sudoku_gnn's run on a learned graph, with no draws left to pay for. Solving needs the graph right for every cell (a
+GNN trained on 96.5%-right graphs, 28 of 81 cells with a wrong neighbour, solved nothing); the reward model, shaped by
+wrong graphs and without those aids (the progressive loss trains the reward, the first iteration, less: the sampler
+stalled at 93%), solves far less than a fresh GNN on the same right graph.
 
-Solving needs a graph right for EVERY cell and a GNN that does not overthink: trained on graphs of 96.5% top-K
-precision (28 of 81 cells with a wrong neighbour) the GNN solves no puzzle, even given the true graph at test; at
-99.9% it solved 11.7% after 8 iterations, 0% after 32; at 100% as many as sudoku_gnn after 9,600 CPU steps (one
-seed), 38% as many after 4,800 (four seeds). sudoku_gnn's cure (progressive loss, settle penalty) stalls the sampler
-if used from the start (93.0%: the reward is the FIRST iteration's loss, which it trains less), so it runs in the last
---refine fraction of the steps. Adaptive compute: a puzzle stops once its answer has not changed for HALT_STABLE
-iterations (no sudoku rules needed).
+Why the sampler learns (every run behind these choices: README): at uniform sampling a neighbour's digit says little
+(cell i's digit with chance 8/80, any other 9/80), so the reward starts near zero. The head reads the position
+embeddings directly, beside its path through the transformer (which starts at zero); the mean message is
+layer-normalised; the bonus, the mean entropy of the K conditionals a draw picked from, grows its weight while the
+draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12). Adaptive compute:
+a puzzle stops once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
 
-Headline (512 puzzles x 4 graph draws per step, the GNN trained with 32 iterations on one, evaluated with 64):
+Headline (512 puzzles per step, 4 draws each; 9,000 steps learn the graph, 21,000 train the fresh GNN; 64 iters):
     python learned_adjacency.py --iters 64
 GPU result: not yet measured.
-CPU-scale version (easy puzzles, 40-50 givens, small GNN, the default sampler), 1 thread:
+CPU-scale version (easy puzzles, 40-50 givens, small GNN; 6 draws per puzzle; 2,100 + 4,900 steps), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --min_givens 40 --max_givens 50 \\
-        --curriculum 0 --train_iters 4 --iters 32 --steps 4800 --batch_size 16 --warmup 20 --lr 1e-2 --n_test 10 \\
-        --eval_every 400 --var_draws 8 --seed S
-CPU result (seeds 0-3, two runs at a time; 595-626 s, 137-142 puzzles/s): top-K precision 100.0% on all four (from
-step 2,400-4,000), RRN test solved after 32 iterations 8.3 / 16.1 / 7.8 / 17.8% (sudoku_gnn, same flags, seeds 0 /
-1: 30.0 / 36.7% in 261 / 260 s, 2.3x less time), adaptive 8.9 / 13.9 / 7.2 / 17.2%. Every run: README,
-"learned_adjacency.py".
+        --curriculum 0 --train_iters 4 --iters 32 --steps 7000 --batch_size 16 --warmup 20 --lr 1e-2 --n_test 10 \\
+        --eval_every 700 --var_draws 8 --n_graphs 6 --seed S
+CPU result (seeds 0-3, two runs at a time; 643-662 s): top-K precision 100.0% on all four at the freeze; on 900 RRN
+test puzzles per seed 30.6% solved after 32 iterations, 94% of sudoku_gnn's with the same flags (32.5%; trained in
+260-265 s, 2.5x less time); 34.0% after 64 (93%). Every run: README.
 """
 import math
 import os
@@ -98,8 +88,8 @@ class Config:
     entropy: float = 3e-2  # least weight of the bonus: mean entropy of the K draws' conditionals (see docstring)
     entropy_target: float = 2.0  # nats, 0 = off: while the draws' entropy is below it, the bonus weight grows
     reward_iters: int = 1  # reward: -(cell i's cross-entropy) over the first this-many iterations (> 1: biased)
-    gnn_graph: str = field(default="one_draw", metadata={"choices": ("one_draw", "topk", "all_draws")})  # docstring
-    refine: float = 0.2  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
+    graph_steps: float = 0.3  # first fraction of steps: the sampler learns; then a fresh GNN trains on its top-K graph
+    refine: float = 0.7  # last fraction of steps: GNN loss from a state 0..train_iters-1 iterations deep + --settle
     settle: float = 0.3  # weight of sudoku_gnn's fixed-point penalty in those steps: mean of ||cell(h_T) - h_T||^2
     seed: int = 0
     # evaluation
@@ -119,8 +109,6 @@ class Config:
     def __post_init__(self):
         if not 17 <= self.min_givens <= self.max_givens <= 81:
             raise ValueError(f"need 17 <= --min_givens <= --max_givens <= 81, got {self.min_givens}, {self.max_givens}")
-        if not 0 <= self.curriculum <= 1:
-            raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
         if not 1 <= self.k <= 79:
             raise ValueError(f"--k must be in 1..79 (80 would be the full graph), got {self.k}")
         if self.n_graphs < 2 or self.var_draws < 2:
@@ -131,8 +119,9 @@ class Config:
             raise ValueError(f"--reward_iters must be in 1..--train_iters, got {self.reward_iters}")
         if min(self.warmup, self.entropy, self.entropy_target, self.sampler_lr, self.settle) < 0:
             raise ValueError("--warmup, --entropy, --entropy_target, --sampler_lr, --settle must be >= 0")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.refine <= 1):
-            raise ValueError(f"--ema_decay must be in [0, 1), --refine in [0, 1]; got {self.ema_decay}, {self.refine}")
+        fractions = (self.curriculum, self.refine, self.graph_steps)
+        if not (0 <= self.ema_decay < 1 and 0 <= min(fractions) and max(fractions) <= 1 and self.graph_steps > 0):
+            raise ValueError("--ema_decay must be in [0, 1); --curriculum, --refine in [0, 1]; --graph_steps in (0, 1]")
 
 
 EVAL_FLAGS = ("iters", "n_test", "test_graph", "var_draws", "device", "dtype", "compile", "out_dir", "ckpt")
@@ -240,15 +229,17 @@ class GNN(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.width
-        # digits only, no position: an edge is as useful as the sampler made it, so the reward credits its choice
+        # digits only while the sampler learns (an edge is worth what the sampler made it); positions once frozen
         self.digit = nn.Embedding(10, d)  # 0 = blank
+        self.pos = nn.Parameter(torch.zeros(81, d))  # times pos_on = 0: no effect, and no gradient, before that
+        self.register_buffer("pos_on", torch.zeros(()))
         self.x_gates = nn.Linear(d, 3 * d)  # input recall: the same projection every iteration, so made once
         self.cell = Cell(cfg)
         self.head = nn.Linear(d, 9)
 
     def forward(self, quiz, nbrs, iters, h=None):
         """quiz (B, 81), nbrs (B, 81, K) -> logits after each of `iters` iterations (iters, B, 81, 9), state h."""
-        x = self.digit(quiz)  # (B, 81, d)
+        x = self.digit(quiz) + self.pos_on * self.pos  # (B, 81, d)
         x_gates = self.x_gates(x)
         h = torch.tanh(x) if h is None else h
         logits = []
@@ -281,31 +272,31 @@ def gnn_loss(gnn, quiz, sol, nbrs, cfg, skip=0, settle=0.0):
     return loss
 
 
-def draw_graphs(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
-    """n_graphs graphs drawn per puzzle, each scored by the GNN's first reward_iters iterations (no gradient), and the
-    GNN's loss on the graphs --gnn_graph picks (first draw, top-K, every draw) -> GNN loss, logq and per-cell reward
-    (G, B, 81), the draws' entropy. skip, settle: gnn_loss's (the --refine steps)."""
+def score_draws(model, quiz, sol, cfg, gen):
+    """n_graphs graphs drawn per puzzle, each scored by the GNN's first reward_iters iterations without gradient ->
+    the draws (G, B, 81, K), their log q and per-cell reward (G, B, 81), the draws' entropy."""
     logp = model.sampler(quiz)  # (B, 81, 81)
     G = cfg.n_graphs
     nbrs = gumbel_topk(logp.detach().expand(G, -1, -1, -1), cfg.k, gen)  # (G, B, 81, K)
     logq, entropy = ordered_draw(logp, nbrs)  # (G, B, 81), scalar
     with torch.no_grad():
         ce = cell_losses(model.gnn(quiz.repeat(G, 1), nbrs.flatten(0, 1), cfg.reward_iters)[0], sol.repeat(G, 1))
-    reward = -ce.mean(0).view(logq.shape)
-    if cfg.gnn_graph == "all_draws":
-        quiz, sol, graph = quiz.repeat(G, 1), sol.repeat(G, 1), nbrs.flatten(0, 1)
-    else:
-        graph = nbrs[0] if cfg.gnn_graph == "one_draw" else logp.detach().topk(cfg.k, -1).indices
-    return gnn_loss(model.gnn, quiz, sol, graph, cfg, skip, settle), logq, reward, entropy
+    return nbrs, logq, -ce.mean(0).view(logq.shape), entropy
 
 
-def train_loss(model, quiz, sol, cfg, gen, skip=0, settle=0.0):
-    """A training step's loss: the GNN's, the sampler's surrogate, minus the entropy bonus -> it, the GNN's loss, and
-    the reward (G, B, 81) and draws' entropy that update the EMA baseline and the bonus weight after the step."""
-    loss_gnn, logq, reward, entropy = draw_graphs(model, quiz, sol, cfg, gen, skip, settle)
-    ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
-    bonus = cfg.entropy * log_gain.exp() * entropy
-    return loss_gnn + surrogate(logq, reward, cfg.baseline, ema) - bonus, loss_gnn, reward, entropy
+def train_loss(model, quiz, sol, cfg, gen, skip=0, settle=0.0, learn_graph=True):
+    """A step's loss: the GNN's on the first draw, the sampler's surrogate, minus the entropy bonus -> it, the GNN's
+    loss, and the reward (G, B, 81) and draws' entropy that update the EMA baseline and the bonus weight after the
+    step. learn_graph False (the frozen graph): the GNN's loss on the top-K graph, no draws, reward None."""
+    if not learn_graph:
+        with torch.no_grad():
+            graph = model.sampler(quiz).topk(cfg.k, -1).indices
+        loss_gnn = gnn_loss(model.gnn, quiz, sol, graph, cfg, skip, settle)
+        return loss_gnn, loss_gnn, None, None
+    nbrs, logq, reward, entropy = score_draws(model, quiz, sol, cfg, gen)
+    loss_gnn = gnn_loss(model.gnn, quiz, sol, nbrs[0], cfg, skip, settle)
+    bonus = cfg.entropy * model.sampler.entropy_log_gain.exp() * entropy
+    return loss_gnn + surrogate(logq, reward, cfg.baseline, model.sampler.reward_ema) - bonus, loss_gnn, reward, entropy
 
 
 # ---------------------------------------------------------------- metrics
@@ -378,7 +369,7 @@ def grad_variance(model, quiz, sol, cfg, draws, dtype):
     grads = {b: [] for b in BASELINES}
     for _ in range(draws):
         with autocast(quiz.device, dtype):
-            _, logq, reward, _ = draw_graphs(model, quiz, sol, cfg, gen)
+            _, logq, reward, _ = score_draws(model, quiz, sol, cfg, gen)
         for b in BASELINES:
             g = torch.autograd.grad(surrogate(logq, reward, b, model.sampler.reward_ema), params, retain_graph=True)
             grads[b].append(torch.cat([x.flatten() for x in g]))
@@ -433,12 +424,15 @@ def main(cfg):
     adj = true_adjacency(peer_index().to(device))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, val_log = 0, 0.0, []
+    frozen_at = round(cfg.graph_steps * cfg.steps)  # --graph_steps: the first step on the frozen graph
     state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
+            if state["frozen_at"] < step:  # it froze there: a resume to more --steps keeps that step
+                frozen_at = state["frozen_at"]
             set_generator_state(data_gen, state["data_rng"])
             set_generator_state(graph_gen, state["graph_rng"])
             set_generator_state(host_gen, state["host_rng"])
@@ -460,7 +454,7 @@ def main(cfg):
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg), "step": step,
                 "results": results, "rng": rng_state(), "data_rng": data_gen.get_state(),
                 "graph_rng": graph_gen.get_state(), "host_rng": host_gen.get_state(), "val_log": val_log,
-                "train_time_s": time_before + elapsed}
+                "train_time_s": time_before + elapsed, "frozen_at": frozen_at}
 
     def val_stats():
         """Validation solved rate at train_iters, precision/recall of sampled and top-K graphs, gradient variance."""
@@ -486,9 +480,15 @@ def main(cfg):
             for i in bar:
                 if stop.requested:  # the last step is whole: stop here
                     break
-                frac = max(0.0, (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+                learn_graph = i < frozen_at  # after: no draws, the sampler stays as it is
+                if i == frozen_at:  # a fresh GNN (new weights and optimizer state, positions on) on the top-K graph
+                    model.gnn.load_state_dict(GNN(cfg).state_dict() | {"pos_on": torch.ones(())})
+                    for p in model.gnn.parameters():
+                        opt.state.pop(p, None)
+                t = i if learn_graph else i - frozen_at  # each GNN has its own warm-up and cosine decay
+                frac = max(0.0, (t - cfg.warmup) / max(1, cfg.steps - (i - t) - cfg.warmup))
+                warm = min(1.0, (t + 1) / max(1, cfg.warmup))
                 for g in opt.param_groups:
-                    warm = min(1.0, (i + 1) / max(1, cfg.warmup))
                     g["lr"] = g["base_lr"] * warm * (0.55 + 0.45 * math.cos(math.pi * frac) if g["decay"] else 1.0)
                 # curriculum: easy puzzles first, where a given peer is an immediate, visible reward for an edge
                 ramp = min(1.0, i / max(1.0, cfg.curriculum * cfg.steps))
@@ -499,14 +499,14 @@ def main(cfg):
                 skip = int(torch.randint(cfg.train_iters, (1,), generator=host_gen)) if refining else 0
                 with autocast(device, dtype):
                     loss, loss_gnn, reward, entropy = train_loss(model, quiz, sol, cfg, graph_gen, skip,
-                                                                 cfg.settle * refining)
+                                                                 cfg.settle * refining, learn_graph)
                 ema, log_gain = model.sampler.reward_ema, model.sampler.entropy_log_gain
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.gnn.parameters(), 1.0)
-                opt.step()
-                ema.lerp_(reward.mean((0, 1)), 1 - cfg.ema_decay)  # updated after use: b never sees its own draw
-                if cfg.entropy_target:  # a floor, not a set point: at the start the draws must be free to sharpen
+                opt.step()  # AdamW skips the sampler once it has no gradient: no weight decay on a frozen graph
+                if learn_graph:  # after use, so b never sees its own draw; the bonus weight is a floor, not a set point
+                    ema.lerp_(reward.mean((0, 1)), 1 - cfg.ema_decay)
                     log_gain.add_(ENTROPY_GAIN_RATE * (cfg.entropy_target - entropy.detach())).clamp_(min=0)
                 step = i + 1
                 if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
@@ -518,9 +518,10 @@ def main(cfg):
                     e = val_log[-1]
                     bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "
                               f"{e['precision_topk']:.3f} | val solved {e['val_solved_sampled']:.3f} | grad var "
-                              + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + f" | draw entropy "
-                              f"{entropy.item():.2f} weight {cfg.entropy * log_gain.exp().item():.3g} | givens >={lo} "
-                              f"| {speed:.0f} puzzles/s")
+                              + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + (
+                                  f" | draw entropy {entropy.item():.2f} weight "
+                                  f"{cfg.entropy * log_gain.exp().item():.3g}" if learn_graph else " | graph frozen")
+                              + f" | givens >={lo} | {speed:.0f} puzzles/s")
             bar.close()
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
@@ -554,10 +555,9 @@ def main(cfg):
     if val_log:
         plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k)
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
-    print(f"final: {cfg.test_graph} graph precision {precision:.3f} recall {recall:.3f} | solved at {cfg.iters} "
-          f"iters: 17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | adaptive "
-          f"{adaptive['solved_all']:.3f} at {adaptive['mean_iters']:.1f} iters | grad var none "
-          f"{grad_var['none']:.3g} ema {grad_var['ema']:.3g} rloo {grad_var['rloo']:.3g} | train {train_time:.0f} s, "
+    print(f"final: {cfg.test_graph} graph precision {precision:.3f} recall {recall:.3f} | solved at {cfg.iters} iters: "
+          f"17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | adaptive "
+          f"{adaptive['solved_all']:.3f} at {adaptive['mean_iters']:.1f} iters | train {train_time:.0f} s, "
           f"{fmt(samples_per_s, '.0f')} puzzles/s")
     return results
 
