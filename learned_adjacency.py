@@ -36,9 +36,9 @@ CPU-scale version (easy puzzles, 40-50 givens, small GNN; 6 draws per puzzle; 2,
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --min_givens 40 --max_givens 50 \\
         --curriculum 0 --train_iters 4 --iters 32 --steps 7000 --batch_size 16 --warmup 20 --lr 1e-2 --n_test 10 \\
         --eval_every 700 --var_draws 8 --n_graphs 6 --seed S
-CPU result (seeds 0-3, two runs at a time; 643-662 s): top-K precision 100.0% on all four at the freeze; on 900 RRN
-test puzzles per seed 30.6% solved after 32 iterations, 94% of sudoku_gnn's with the same flags (32.5%; trained in
-260-265 s, 2.5x less time); 34.0% after 64 (93%). Every run: README.
+CPU result (seeds 0-5, two runs at a time; 628-662 s): top-K precision 100.0% on all six at the freeze; on 900 RRN
+test puzzles per seed 31.2% solved after 32 iterations, 97% of sudoku_gnn's with the same flags (32.1%; trained in
+260-275 s, 2.4x less time); 34.5% after 64 (96%). Every run: README.
 """
 import math
 import os
