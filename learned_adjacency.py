@@ -485,8 +485,8 @@ def main(cfg):
                     model.gnn.load_state_dict(GNN(cfg).state_dict() | {"pos_on": torch.ones(())})
                     for p in model.gnn.parameters():
                         opt.state.pop(p, None)
-                t = i if learn_graph else i - frozen_at  # each GNN has its own warm-up and cosine decay
-                frac = max(0.0, (t - cfg.warmup) / max(1, cfg.steps - (i - t) - cfg.warmup))
+                t, span = (i, cfg.steps) if learn_graph else (i - frozen_at, cfg.steps - frozen_at)  # fresh GNN: own lr
+                frac = max(0.0, (t - cfg.warmup) / max(1, span - cfg.warmup))
                 warm = min(1.0, (t + 1) / max(1, cfg.warmup))
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * warm * (0.55 + 0.45 * math.cos(math.pi * frac) if g["decay"] else 1.0)
