@@ -14,20 +14,18 @@ structure appears nowhere in the model or the loss (precision/recall against the
 the augmentation (relabelled digits, rows/columns shuffled within bands/stacks, transposes) maps the graph to itself.
 
 Two phases. While the sampler learns (the first --graph_steps of the steps) the GNN is its reward model: it reads
-digits only, so an edge is worth what the sampler made it, and the transformer reads positions only (the sudoku graph
-is the same for every puzzle: one table per step). Then the graph is frozen at its top-K, and a FRESH GNN with a
-position embedding, sudoku_gnn's progressive loss and settle penalty (--refine) and its own lr schedule trains on it:
-sudoku_gnn's run on a learned graph, with no draws left to pay for. Solving needs the graph right for every cell (a
-GNN trained on 96.5%-right graphs, 28 of 81 cells with a wrong neighbour, solved nothing); the reward model, shaped by
-wrong graphs and without those aids (the progressive loss trains the reward, the first iteration, less: the sampler
-stalled at 93%), solves far less than a fresh GNN on the same right graph.
+digits only, so an edge is worth what the sampler made it, and the transformer reads positions only (the sudoku
+graph is the same for every puzzle: one table per step). Then the graph is frozen at its top-K, and a FRESH GNN with
+a position embedding, sudoku_gnn's progressive loss and settle penalty (--refine) and its own lr schedule trains on
+it: sudoku_gnn's run on a learned graph, with no draws left to pay for. Solving needs the graph right for every cell
+(a GNN trained on 96.5%-right graphs solved nothing), and the reward model, shaped by wrong graphs and without those
+aids, solves far less than a fresh GNN on the same right graph.
 
-Why the sampler learns (every run behind these choices: README): at uniform sampling a neighbour's digit says little
-(cell i's digit with chance 8/80, any other 9/80), so the reward starts near zero. The head reads the position
-embeddings directly, beside its path through the transformer (which starts at zero); the mean message is
-layer-normalised; the bonus, the mean entropy of the K conditionals a draw picked from, grows its weight while the
-draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12). Adaptive compute:
-a puzzle stops once its answer has not changed for HALT_STABLE iterations (no sudoku rules needed).
+Why the sampler learns (the runs behind each choice: docs/learned_adjacency.md): at uniform sampling a neighbour's
+digit says little (cell i's digit with chance 8/80, any other 9/80), so the reward starts near zero. The head reads
+the position embeddings directly, beside its path through the transformer (which starts at zero); the mean message
+is layer-normalised; the bonus, the mean entropy of the K conditionals a draw picked from, grows its weight while
+the draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12).
 
 Headline (512 puzzles per step, 4 draws each; 9,000 steps learn the graph, 21,000 train the fresh GNN; 64 iters):
     python learned_adjacency.py --iters 64
@@ -38,7 +36,7 @@ CPU-scale version (easy puzzles, 40-50 givens, small GNN; 6 draws per puzzle; 2,
         --eval_every 700 --var_draws 8 --n_graphs 6 --seed S
 CPU result (seeds 0-5, two runs at a time; 628-662 s): top-K precision 100.0% on all six at the freeze; on 900 RRN
 test puzzles per seed 31.2% solved after 32 iterations, 97% of sudoku_gnn's with the same flags (32.1%; trained in
-260-275 s, 2.4x less time); 34.5% after 64 (96%). Every run: README.
+260-275 s, 2.4x less time); 34.5% after 64 (96%). Every run: docs/learned_adjacency.md.
 """
 import math
 import os
@@ -378,9 +376,9 @@ def grad_variance(model, quiz, sol, cfg, draws, dtype):
 
 # ---------------------------------------------------------------- pictures
 
-def plot_adjacency(path, log, mean_p, adj, k):
-    """Left: precision/recall of the sampled graphs over training. Middle: gradient variance per baseline.
-    Right: the learned mean p(j | i) next to the true peer graph (row i = cell i, column j = candidate j)."""
+def plot_adjacency(path, log, mean_p, adj, k, frozen_at):
+    """Left: precision/recall over training. Middle: gradient variance per baseline (once the graph is frozen, the
+    fresh GNN scores the draws). Right: the learned mean p(j | i) beside the true peers (row i: cell i's choices)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,6 +395,8 @@ def plot_adjacency(path, log, mean_p, adj, k):
     for a, image, title in ((ax[2], mean_p, "learned mean p(j | i)"), (ax[3], adj.cpu(), "true peers (never seen)")):
         a.imshow(image.float().numpy(), cmap="viridis")
         a.set(title=title, xlabel="j", ylabel="i")
+    for a in ax[:2] if frozen_at < steps[-1] else ():
+        a.axvline(frozen_at, color="black", linestyle=":", label="graph frozen")
     ax[0].legend(fontsize=8), ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -428,11 +428,11 @@ def main(cfg):
     state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
+        if state["frozen_at"] < state["step"]:  # it froze there: a resume to more --steps keeps that step
+            frozen_at = state["frozen_at"]
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
-            if state["frozen_at"] < step:  # it froze there: a resume to more --steps keeps that step
-                frozen_at = state["frozen_at"]
             set_generator_state(data_gen, state["data_rng"])
             set_generator_state(graph_gen, state["graph_rng"])
             set_generator_state(host_gen, state["host_rng"])
@@ -553,7 +553,7 @@ def main(cfg):
                       {f"{g} givens": acc[g] for g in PLOT_GROUPS if g in acc} | {"all": acc["all"]},
                       cfg.train_iters, f"learned graph ({cfg.test_graph}, K = {cfg.k}), RRN test", ylabel="solved rate")
     if val_log:
-        plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k)
+        plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k, frozen_at)
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     print(f"final: {cfg.test_graph} graph precision {precision:.3f} recall {recall:.3f} | solved at {cfg.iters} iters: "
           f"17 givens {fmt(headline['solved_17_at_iters'])} | all {acc['all'][-1]:.3f} | adaptive "
