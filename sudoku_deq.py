@@ -182,25 +182,30 @@ def solve(f, x0, max_iter, method, m, tol=0.0):
 
 
 def equilibrium(f, h0, cfg, f_fast=None):
-    """The DEQ layer: h* = f(h*) found without a graph, returned with a gradient to f's parameters, and the
-    residual history (k, B). f_fast (e.g. a compiled f) serves the graph-free forward solve."""
+    """The DEQ layer: h* = f(h*) found without a graph, returned with a gradient to f's parameters, the residual
+    history (k, B), and a list into which the backward pass puts the adjoint solve's last relative residual (B,):
+    how close the gradient is to the implicit one (empty with the phantom gradient). f_fast (e.g. a compiled f)
+    serves the graph-free forward solve."""
     h_star, res = solve(f_fast or f, h0, cfg.train_iters, cfg.solver, cfg.anderson_m, cfg.tol)
+    adjoint_res = []
     if cfg.backward == "phantom":  # a few damped steps with autograd stand in for (I - df/dh)^-1
         h = h_star
         for _ in range(cfg.phantom_steps):
             h = (1 - PHANTOM_TAU) * h + PHANTOM_TAU * f(h)
-        return h, res
+        return h, res, adjoint_res
     h_in = h_star.requires_grad_()
     h = f(h_in)  # one step with autograd: the parameters' gradient is g df/dtheta at h*
 
     def adjoint(grad):  # dL/dh -> g solving g = g df/dh + dL/dh (implicit function theorem)
         def step(g):  # a vector-Jacobian product through the same graph, before the backward frees it
             return torch.autograd.grad(h, h_in, g.to(h.dtype), retain_graph=True)[0] + grad
-        return solve(step, grad, cfg.train_iters, cfg.solver, cfg.anderson_m, cfg.tol)[0].to(grad.dtype)
+        g, g_res = solve(step, grad, cfg.train_iters, cfg.solver, cfg.anderson_m, cfg.tol)
+        adjoint_res.append(g_res[-1])
+        return g.to(grad.dtype)
 
     out = h.view_as(h)  # the hook goes on a view: on h itself the products above would call it again
     out.register_hook(adjoint)
-    return out, res
+    return out, res, adjoint_res
 
 
 def jacobian_penalty(f, h_star, generator):
@@ -304,10 +309,11 @@ def loss_fn(logits, sol):  # logits (B, 81, 9) at the fixed point, sol (B, 81) 1
 
 
 def train_loss(model, quiz, sol, cfg, generator, fast_cell):
-    """-> (total loss, cross-entropy, residual history (k, B), h* and its injection for the stability log)."""
+    """-> (total loss, cross-entropy, residual history (k, B), h* and its injection for the stability log, and the
+    list that the backward pass fills with the adjoint's residual)."""
     x_gates = model.inject(quiz)  # (B, 81, 3d)
     h0 = torch.zeros(*quiz.shape, cfg.width, device=quiz.device)
-    h, res = equilibrium(model.f(x_gates), h0, cfg, f_fast=model.f(x_gates, fast_cell))
+    h, res, adjoint_res = equilibrium(model.f(x_gates), h0, cfg, f_fast=model.f(x_gates, fast_cell))
     ce = loss_fn(model.head(h), sol)
     loss = ce
     f_sub, h_sub = model.f(x_gates[:cfg.stab_batch]), h[:cfg.stab_batch]  # a random subset: batches are random
@@ -315,7 +321,7 @@ def train_loss(model, quiz, sol, cfg, generator, fast_cell):
         loss = ce + cfg.stab_weight * jacobian_penalty(f_sub, h_sub, generator)
     elif cfg.stabiliser == "spectral":
         loss = ce + cfg.stab_weight * spectral_penalty(f_sub, h_sub, generator, cfg.rho_target, cfg.power_steps)
-    return loss, ce.detach(), res, h.detach(), x_gates.detach()
+    return loss, ce.detach(), res, h.detach(), x_gates.detach(), adjoint_res
 
 
 # ---------------------------------------------------------------- evaluation
@@ -357,15 +363,16 @@ def plot_stability(path, log, title):
     axes[0].plot(log["step"], log["train_cell_acc"], label="training blank cells right")
     axes[0].set(ylabel="accuracy at train_iters", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=8)
-    axes[1].semilogy(log["step"], log["residual"], label="after train_iters")
-    axes[1].set(ylabel="relative residual")
+    axes[1].semilogy(log["step"], log["residual"], label="forward")
+    axes[1].semilogy(log["step"], log["adjoint_residual"], label="adjoint (backward)")
+    axes[1].set(ylabel="relative residual after train_iters")
     axes[2].plot(log["step"], log["spectral_radius"], label="mean")
     axes[2].plot(log["step"], log["spectral_radius_max"], label="max")
     axes[2].axhline(1.0, color="gray", linestyle="--")
     axes[2].set(ylabel="spectral radius of df/dh at h*")
     for ax in axes:
         ax.set(xlabel="step")
-    axes[2].legend(fontsize=8)
+    axes[1].legend(fontsize=8), axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -392,11 +399,12 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, lr_scale, recoveries = 0, 0.0, 1.0, 0
     log = {k: [] for k in ("step", "loss", "train_cell_acc", "val_solved", "residual", "solver_iters",
-                           "spectral_radius", "spectral_radius_max", "lr_scale")}
+                           "spectral_radius", "spectral_radius_max", "lr_scale", "adjoint_residual")}
     state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         log, recoveries = state["log"], state["recoveries"]  # --ckpt reports them too
+        log.setdefault("adjoint_residual", [math.nan] * len(log["step"]))  # not logged before this version
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, lr_scale = state["step"], state["train_time_s"], state["lr_scale"]
@@ -436,7 +444,8 @@ def main(cfg):
                 lo = round(cfg.max_givens - ramp * (cfg.max_givens - cfg.min_givens))
                 quiz, sol = sample_batch(pool_quiz, pool_sol, cfg.batch_size, data_gen, lo, cfg.max_givens)
                 with autocast(device, dtype):
-                    loss, ce, res, h_star, x_gates = train_loss(model, quiz, sol, cfg, data_gen, fast_cell)
+                    loss, ce, res, h_star, x_gates, adjoint_res = train_loss(model, quiz, sol, cfg, data_gen,
+                                                                             fast_cell)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -474,15 +483,16 @@ def main(cfg):
                     cell_acc = ((model.head(h_star).argmax(-1) + 1 == sol) & (quiz == 0)).sum() / (quiz == 0).sum()
                 model.train()
                 iters_to_tol = ((res >= LOG_TOL).sum(0) + 1).clamp(max=len(res)).float().mean()
+                adjoint = adjoint_res[-1].mean() if adjoint_res else math.nan  # the phantom gradient solves none
                 for k, v in zip(log, (step, ce, cell_acc, val_acc, res[-1].mean(), iters_to_tol, rho.mean(), rho.max(),
-                                      lr_scale)):
+                                      lr_scale, adjoint)):
                     log[k].append(float(v))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)  # the next reading covers training steps only
                 eval_s += time.time() - t_eval
                 log_progress(bar, step, loss=f"{ce.item():.4f}", val_solved=f"{val_acc:.3f}",
-                             res=f"{log['residual'][-1]:.1e}", rho=f"{log['spectral_radius'][-1]:.2f}",
-                             samples_per_s=f"{speed:.0f}")
+                             res=f"{log['residual'][-1]:.1e}", adjoint_res=f"{log['adjoint_residual'][-1]:.1e}",
+                             rho=f"{log['spectral_radius'][-1]:.2f}", samples_per_s=f"{speed:.0f}")
             bar.close()
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:
