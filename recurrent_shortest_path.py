@@ -22,7 +22,7 @@ next-hop accuracy 0.53 in the start slot, 0.99 for the same cities mid-path, whe
 92% of failed paths went wrong on hop one). So each batch also holds `neighbour_frac` x batch_size sequences
 [NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's links: the map alone,
 no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, beat 1 for the recurrent
-model on both CPU seeds below (deep: -3.6 and -0.8 points, within noise) and lifted both arms by ~20 points.
+model on CPU seeds 0 and 1 (deep: -3.6 and -0.8 points, within noise) and lifted both arms by ~20 points.
 
 CPU (one thread on a shared 2-core machine; every arm trained with the same --flop_budget F, seeds 0-2). Plane map,
 300 cities -> 287 in the largest component, longest path 26 hops:
@@ -300,6 +300,21 @@ def flops_per_token(d, blocks, heads, T, V):
     return blocks * (24 * d * d + 4 * T * d) + heads * 2 * d * V
 
 
+def neighbour_batch(cfg):  # neighbour queries per training step
+    return round(cfg.neighbour_frac * cfg.batch_size)
+
+
+def train_step_flops(cfg, n_cities):
+    """FLOPs of one training step: forward + backward (3x the forward: each product also gives the gradients of its
+    input and of its weight) over batch_size paths of max_hops + 1 tokens and the neighbour queries' 2 tokens."""
+    d, n_blocks, tied = model_shape(cfg, n_cities)
+
+    def fwd(length):  # forward FLOPs per token of a training sequence of this length
+        return flops_per_token(d, n_blocks + tied * cfg.train_iters, cfg.train_iters if tied else 1, length, n_cities)
+    T = cfg.max_hops + 1
+    return 3 * (fwd(T) * cfg.batch_size * T + fwd(2) * neighbour_batch(cfg) * 2)
+
+
 class PathModel(nn.Module):
     def __init__(self, cfg, n_cities):
         super().__init__()
@@ -423,14 +438,9 @@ def main(cfg):
     dtype = pick_dtype(cfg.dtype, device)
     graph = Graph(cfg, device)
     model = PathModel(cfg, graph.n).to(device)
-    T = cfg.max_hops + 1
+    T, n_nb = cfg.max_hops + 1, neighbour_batch(cfg)
     d, n_blocks, _ = model_shape(cfg, graph.n)
-    n_nb = round(cfg.neighbour_frac * cfg.batch_size)
-
-    def fwd(length):  # forward FLOPs per token of a training sequence of this length
-        return flops_per_token(d, n_blocks + model.recurrent * cfg.train_iters,
-                               cfg.train_iters if model.recurrent else 1, length, graph.n)
-    step_flops = 3 * (fwd(T) * cfg.batch_size * T + fwd(2) * n_nb * 2)  # forward + backward = 3x forward
+    step_flops = train_step_flops(cfg, graph.n)
     steps = max(1, round(cfg.flop_budget / step_flops)) if cfg.flop_budget else cfg.steps
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.arch}, width {d}, {n_blocks} untied blocks{' + 1 tied' if model.recurrent else ''}, "
@@ -515,7 +525,7 @@ def main(cfg):
                 "reach_1.05_sources_at_train_iters": at("reach_1.05_sources", min(cfg.train_iters, cfg.iters)),
                 "probe_r2": probe, "train_flops": step_flops * step, "params": n_params}
     results = {"script": "recurrent_shortest_path", "config": asdict(cfg), "train_iters": cfg.train_iters,
-               "iters": cfg.iters, "acc": acc, "headline": headline, "train_time_s": train_time,
+               "iters": cfg.iters, "steps": step, "acc": acc, "headline": headline, "train_time_s": train_time,
                "eval_time_s": time.time() - t_eval, "samples_per_s": step * cfg.batch_size / max(train_time, 1e-9),
                "peak_mem_gb": peak_mem_gb(device), "device": device_name(device), "torch": str(torch.__version__),
                "seed": cfg.seed}

@@ -150,6 +150,27 @@ def test_flop_formula_matches_the_matmuls_the_model_runs(arch):
     assert counted == rsp.flops_per_token(d, n_blocks, n_heads, 0, V) * B * T
 
 
+@pytest.mark.parametrize("arch", ["recurrent", "wide"])
+def test_train_step_flops_match_a_counted_training_step(arch):
+    """A whole training step as main runs it (the paths and the neighbour queries, forward and backward) against
+    train_step_flops: the matrix products PyTorch's FLOP counter sees must equal the formula less its attention
+    term (4 T d per token and block, which the counter leaves out on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = rsp.Config(arch=arch, width=32, n_layers=1, train_iters=3, max_hops=7, batch_size=5, neighbour_frac=0.6)
+    V, T, n_nb = 40, cfg.max_hops + 1, rsp.neighbour_batch(cfg)
+    model = rsp.PathModel(cfg, V)
+    with FlopCounterMode(display=False) as counter:
+        outs = model(torch.randint(V, (cfg.batch_size, T)), cfg.train_iters)
+        outs_nb = model(torch.randint(V, (n_nb, 2)), cfg.train_iters)
+        sum(o.square().mean() for o in outs + outs_nb).backward()
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                  if op.__name__.split(".")[0] in ("mm", "addmm", "bmm"))
+    d, blocks, tied = rsp.model_shape(cfg, V)
+    applied = blocks + tied * cfg.train_iters  # blocks run per forward
+    attention = 3 * applied * 4 * d * (cfg.batch_size * T * T + n_nb * 2 * 2)
+    assert n_nb == 3 and counted == rsp.train_step_flops(cfg, V) - attention
+
+
 def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path):
     tiny = ["--map", "plane", "--n_cities", "30", "--max_hops", "8", "--n_test", "4", "--width", "16",
             "--train_iters", "2", "--iters", "2", "--batch_size", "8", "--device", "cpu"]
