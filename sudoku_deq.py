@@ -15,7 +15,8 @@ loss is taken at the fixed point only (there is no unrolled trajectory to put on
 simply more solver iterations.
 
 DEQs can train well and then suddenly collapse when the fixed point stops being attracting (the spectral radius
-of df/dh grows past 1). So the training log tracks the relative residual |f(h) - h| / |f(h)|, the iterations
+of df/dh grows past 1). So the training log tracks the relative residual |f(h) - h| / |f(h)| of the forward
+and of the adjoint solve (the gradient is the implicit one only as far as the latter converges), the iterations
 needed to reach 1e-3 and a power-iteration estimate of the spectral radius of df/dh at h*. The stabiliser on by
 default penalises that radius above --rho_target: --power_steps power steps find the dominant direction u, and
 |u^T df/dh| goes into the loss, computed on the first --stab_batch puzzles of each (random) batch in a graph of
