@@ -163,7 +163,7 @@ def solve(quiz):
 def read_puzzles(path):
     """-> (quiz (N, 81) uint8, solution (N, 81) uint8 or None). Any malformed line is a user error."""
     try:
-        with (lzma.open if path.endswith(".xz") else open)(path, "rt") as f:
+        with (lzma.open if path.endswith(".xz") else open)(path, "rt", encoding="utf-8-sig") as f:  # -sig: a BOM
             lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # EOFError: a cut .xz
         user_error(f"cannot read puzzle file {path}: {e}")
@@ -184,6 +184,11 @@ def read_puzzles(path):
                 user_error(f"{path}:{n}: a solution needs 81 digits 1-9, got {sol[:40]!r}")
             solutions.append(sol)
     quiz = _digits(quizzes)
+    units = np.sort(quiz[:, np.array(UNITS)], 2)  # (N, 27, 9) each unit's givens in order, blanks (0) first
+    clash = ((units[..., 1:] == units[..., :-1]) & (units[..., 1:] > 0)).any((1, 2))
+    if clash.any():
+        n = lines[int(clash.argmax())][0]
+        user_error(f"{path}:{n}: the puzzle's givens repeat a digit in a row, column or box")
     if not solutions:
         return quiz, None
     sol = _digits(solutions)

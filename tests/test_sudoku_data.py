@@ -183,6 +183,8 @@ GRID = "".join(str((3 * (r % 3) + r // 3 + c) % 9 + 1) for r in range(9) for c i
     (f"{GOOD},{GRID}\n{GOOD},{'1' * 81}\n", "not a valid grid"),
     (f"{GOOD},{GRID}\n{'2' + GOOD[1:]},{GRID}\n", "not a valid grid"),  # solution disagrees with a given
     (f"{GOOD}\n{GOOD},{GRID}\n", "quiz,solution"),
+    (f"{GOOD}\n{'5' + GOOD[1:9] + '5' + GOOD[10:]}\n", "repeat a digit"),  # 5 twice in column 0, no solution given
+    (f"{GOOD}\n{'7' + GOOD[1:20] + '7' + GOOD[21:]}\n", "repeat a digit"),  # 7 twice in the top-left box
 ])
 def test_malformed_files_exit_2_naming_the_line(tmp_path, capsys, text, problem):
     assert valid_grid([int(ch) for ch in GRID])
@@ -204,9 +206,10 @@ def test_truncated_xz_file_exits_2(tmp_path, capsys):
 
 
 def test_user_file_with_dots_and_solutions(tmp_path):
+    """Dots for blanks, solutions, a blank line at the end, and the byte-order mark some editors write first."""
     quiz, sol = sd.read_puzzles(sd.RRN_TEST)
     path = tmp_path / "mine.txt"
     lines = ["".join(str(d) if d else "." for d in q) + "," + "".join(map(str, s)) for q, s in zip(quiz[:3], sol[:3])]
-    path.write_text("\n".join(lines) + "\n\n")
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8-sig")
     q, s = sd.read_puzzles(str(path))
     assert (q == quiz[:3]).all() and (s == sol[:3]).all()
