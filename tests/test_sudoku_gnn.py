@@ -30,6 +30,20 @@ def test_one_iteration_only_reaches_peers():
     assert ((a[1, 0, 1] - b[1, 0, 1]).abs() > 1e-6).any()  # two hops reach every cell
 
 
+def test_sweep_carries_the_state_across_its_chunks():
+    """The evaluation runs ITER_CHUNK iterations per call and carries the state: its per-iteration verdicts over
+    40 iterations (three chunks) must be those of one 40-iteration call. The target is the single call's answer at
+    iteration 30, so a chunk that restarted from scratch would miss it."""
+    model, iters = tiny_model(), 40
+    assert iters > 2 * sg.ITER_CHUNK
+    quiz = torch.from_numpy(sd.read_puzzles(sd.RRN_TEST)[0][:6]).long()
+    with torch.no_grad():
+        pred = model(quiz, iters)[0].argmax(-1) + 1  # (iters, 6, 81)
+    target = pred[29]
+    correct, _, _ = sg.sweep(model, quiz, target, iters, torch.float32)
+    assert torch.equal(correct, (pred == target).all(-1)) and correct[29].all()
+
+
 def reveal(quiz, sol, givens, seed):
     """Copy solution digits into random blanks until each puzzle has `givens` givens."""
     keys = torch.rand(quiz.shape, generator=torch.Generator().manual_seed(seed)).masked_fill(quiz > 0, 2.0)
