@@ -81,8 +81,9 @@ def test_tiny_model_learns_easy_puzzles(tmp_path):
     rows = [line.split() for line in (tmp_path / "solve" / "solutions.txt").read_text().splitlines()]
     answers = torch.tensor([[int(c) for c in r[0]] for r in rows])  # (50, 81)
     right = (answers == sol).all(1)
-    assert out["solved"] == int(right.sum()) >= 0.5 * len(sol), out  # halting may only help: 0.78 at a fixed 12
-    assert out["mean_iters"] < 12
+    assert out["solved"] == int(right.sum()) >= 0.5 * len(sol), out
+    # the puzzles have one solution each, so a valid grid that keeps the givens is it: halting may only help
+    assert out["solved"] >= int((pred[-1] == sol).all(1).sum()) and out["mean_iters"] < 12
 
 
 def run_cli(capsys, *args):
