@@ -401,7 +401,8 @@ def main(cfg):
     step, time_before, lr_scale, recoveries = 0, 0.0, 1.0, 0
     log = {k: [] for k in ("step", "loss", "train_cell_acc", "val_solved", "residual", "solver_iters",
                            "spectral_radius", "spectral_radius_max", "lr_scale", "adjoint_residual")}
-    state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
+    may_change = [f for f in EVAL_FLAGS if f not in ("solver", "anderson_m")]  # those two also drive training
+    state = resume_checkpoint(ckpt_path, Config, cfg, may_change) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
         log, recoveries = state["log"], state["recoveries"]  # --ckpt reports them too

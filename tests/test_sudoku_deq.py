@@ -258,6 +258,11 @@ def test_persistent_nan_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert out.count("rolled back") == sq.MAX_RECOVERIES and "stopped: non-finite" in out
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+    # the solver drives training too: a resume may not switch it (an evaluation with --ckpt may)
+    with pytest.raises(SystemExit) as e:
+        sq.main(parse_config(sq.Config, TINY + ["--steps", "4", "--solver", "plain", "--resume", "--out_dir",
+                                                str(tmp_path)]))
+    assert e.value.code == 2 and "--solver plain" in capsys.readouterr().err
 
 
 def test_forward_converges_and_wrong_checkpoint_exits_2(tmp_path, capsys):
