@@ -424,12 +424,12 @@ def main(cfg):
     adj = true_adjacency(peer_index().to(device))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, time_before, val_log = 0, 0.0, []
-    frozen_at = round(cfg.graph_steps * cfg.steps)  # --graph_steps: the first step on the frozen graph
+    frozen_at = max(1, round(cfg.graph_steps * cfg.steps))  # --graph_steps: the first step on the frozen graph
     state = resume_checkpoint(ckpt_path, Config, cfg, EVAL_FLAGS) if cfg.resume and not cfg.ckpt else saved
     if state is not None:
         load_weights(model, state["model"])
-        if state["frozen_at"] < state["step"]:  # it froze there: a resume to more --steps keeps that step
-            frozen_at = state["frozen_at"]
+        # it froze there (kept by a resume to more --steps), or, if a resume's budget puts the freeze behind it, now
+        frozen_at = state["frozen_at"] if state["frozen_at"] < state["step"] else max(frozen_at, state["step"])
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
@@ -515,10 +515,10 @@ def main(cfg):
                     speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
                     val_log.append({"step": step, "loss": loss_gnn.item()} | val_stats())
                     eval_s += time.time() - t_eval
-                    e = val_log[-1]
+                    e, mode = val_log[-1], "sampled" if learn_graph else "topk"  # the graphs it trains on
                     bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "
-                              f"{e['precision_topk']:.3f} | val solved {e['val_solved_sampled']:.3f} | grad var "
-                              + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + (
+                              f"{e['precision_topk']:.3f} | val solved ({mode}) {e['val_solved_' + mode]:.3f} | "
+                              "grad var " + " ".join(f"{b} {v:.3g}" for b, v in e["grad_var"].items()) + (
                                   f" | draw entropy {entropy.item():.2f} weight "
                                   f"{cfg.entropy * log_gain.exp().item():.3g}" if learn_graph else " | graph frozen")
                               + f" | givens >={lo} | {speed:.0f} puzzles/s")

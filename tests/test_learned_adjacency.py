@@ -11,6 +11,7 @@ import torch
 
 import learned_adjacency as la
 import sudoku_data as sd
+from common import parse_config
 
 N, K = 5, 2  # a categorical over 5 items, 2 drawn without replacement: 20 ordered draws to enumerate
 
@@ -299,3 +300,19 @@ def test_graph_freezes_and_a_fresh_gnn_trains_on_it(tmp_path):
     n_gnn = len(list(model.gnn.parameters()))  # the optimizer's first group: the GNN, then the sampler
     assert state["frozen_at"] == 2 and model.gnn.pos_on == 1 and model.gnn.pos.abs().sum() > 0
     assert set(steps[:n_gnn]) == {3} and set(steps[n_gnn:]) == {2}
+
+
+def test_a_resume_whose_budget_puts_the_freeze_behind_it_freezes_at_once(tmp_path):
+    """Stopped at step 3 of 10 before its freeze (--graph_steps 0.5: step 5), then resumed with --steps 4, whose
+    freeze step would be 2: the graph freezes at the resume, step 3, instead of never."""
+    from test_scripts import sigterm_in_backward
+    args = ["--device", "cpu", "--width", "8", "--msg_width", "8", "--sampler_width", "8", "--train_iters", "1",
+            "--iters", "1", "--batch_size", "2", "--warmup", "0", "--graph_steps", "0.5", "--n_test", "1",
+            "--eval_every", "0", "--var_draws", "2", "--out_dir", str(tmp_path)]
+    with sigterm_in_backward(3), pytest.raises(SystemExit):
+        la.main(parse_config(la.Config, args + ["--steps", "10"]))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert state["step"] == 3 and state["frozen_at"] == 5
+    la.main(parse_config(la.Config, args + ["--steps", "4", "--resume"]))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert state["step"] == 4 and state["frozen_at"] == 3 and state["model"]["gnn.pos_on"] == 1
