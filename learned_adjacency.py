@@ -28,8 +28,7 @@ is layer-normalised; the bonus, the mean entropy of the K conditionals a draw pi
 the draws' entropy is below --entropy_target (2 nats; 20 equal peers in any order: ln(20!)/20 = 2.12).
 
 Headline (512 puzzles per step, 4 draws each; 9,000 steps learn the graph, 21,000 train the fresh GNN; 64 iters):
-    python learned_adjacency.py --iters 64
-GPU result: not yet measured.
+    python learned_adjacency.py --iters 64    # GPU result: not yet measured
 CPU-scale version (easy puzzles, 40-50 givens, small GNN; 6 draws per puzzle; 2,100 + 4,900 steps), 1 thread:
     python learned_adjacency.py --device cpu --width 32 --msg_width 32 --min_givens 40 --max_givens 50 \\
         --curriculum 0 --train_iters 4 --iters 32 --steps 7000 --batch_size 16 --warmup 20 --lr 1e-2 --n_test 10 \\
@@ -514,6 +513,7 @@ def main(cfg):
                     t_eval = time.time()
                     speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
                     val_log.append({"step": step, "loss": loss_gnn.item()} | val_stats())
+                    save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # a crash loses at most eval_every steps
                     eval_s += time.time() - t_eval
                     e, mode = val_log[-1], "sampled" if learn_graph else "topk"  # the graphs it trains on
                     bar.write(f"step {step}: loss {e['loss']:.4f} | precision sampled {e['precision']:.3f} top-K "

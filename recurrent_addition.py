@@ -375,6 +375,7 @@ def main(cfg):
                     log_progress(bar, step, loss=f"{loss.item():.4f}", train_exact=f"{exact:.3f}",
                                  **{f"val{first}": f"{quick[str(first)][-1]:.3f}"},
                                  samples_per_s=f"{(step - start) * cfg.batch_size / (time.time() - t0):.0f}")
+                    save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # a crash loses at most eval_every steps
             bar.close()
             save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # before evaluating: a kill then keeps the training
         if stop.requested:

@@ -458,7 +458,7 @@ def main(cfg):
             set_rng_state(ckpt["rng"])
             set_generator_state(gen, ckpt["data_rng"])
 
-    def checkpoint(results=None):
+    def checkpoint(train_time, results=None):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
                                     "step": step, "results": results, "rng": rng_state(),
                                     "data_rng": gen.get_state(), "train_time_s": train_time})
@@ -504,10 +504,11 @@ def main(cfg):
                     rate = (step - start_step) * cfg.batch_size / (time.time() - t0)
                     log_progress(bar, step, loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
                                  samples_per_s=f"{rate:.0f}")
+                    checkpoint(train_time + time.time() - t0)  # a crash loses at most eval_every steps
             bar.close()
             sync(device)
             train_time += time.time() - t0
-            checkpoint()  # before evaluating: a kill then keeps the training
+            checkpoint(train_time)  # before evaluating: a kill then keeps the training
         if stop.requested:
             print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}")
             sys.exit(130)
@@ -531,7 +532,7 @@ def main(cfg):
                "seed": cfg.seed}
     write_results(cfg.out_dir, results)
     if not cfg.ckpt:
-        checkpoint(results)
+        checkpoint(train_time, results)
     curves = {k: acc[k] for k in ("valid_hops_sources", "reach_1.05_sources", "reach_1.05_sources_30+",
                                   "valid_hops_pairs", "reach_1.05_pairs") if k in acc}
     plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"), curves, cfg.train_iters,

@@ -30,7 +30,7 @@ real l > 1), and a contraction by construction would have to bound every weight 
 update gate z off 1 (df/dh contains diag(z)), far more than keeping the radius under 1 where the fixed points are.
 A non-finite loss or weight (checked every CHECK_EVERY = 100 steps and at log steps, so as not to wait for the
 device every step) rolls the model back to the last good state, up to 100 steps back, and halves the learning rate;
-after 3 such recoveries the run stops with a message, and the checkpoint on disk is never replaced by a broken one.
+after 3 such recoveries the run stops with a message; ckpt.pt keeps its last good save (every log step saves).
 Test-time compute: the RRN test solved rate (and share of blank cells right) after k = 1..--iters solver
 iterations, per givens count 17..34.
 
@@ -461,7 +461,7 @@ def main(cfg):
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
                         print(f"stopped: non-finite loss or weights at step {step} after {MAX_RECOVERIES} "
-                              f"recoveries (lr now x{lr_scale:g}); {ckpt_path} was not overwritten")
+                              f"recoveries (lr now x{lr_scale:g}); {ckpt_path} keeps its last good save")
                         sys.exit(1)
                     model.load_state_dict(good[0])
                     opt.load_state_dict(good[1])
@@ -491,6 +491,7 @@ def main(cfg):
                     log[k].append(float(v))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)  # the next reading covers training steps only
+                save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # a crash loses at most eval_every steps
                 eval_s += time.time() - t_eval
                 log_progress(bar, step, loss=f"{ce.item():.4f}", val_solved=f"{val_acc:.3f}",
                              res=f"{log['residual'][-1]:.1e}", adjoint_res=f"{log['adjoint_residual'][-1]:.1e}",

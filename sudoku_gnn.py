@@ -373,6 +373,7 @@ def main(cfg):
                     val_acc = evaluate(model, val, cfg.train_iters, dtype)[0]["all"][-1]
                     model.train()
                     val_log.append([step, loss.item(), val_acc])
+                    save_checkpoint(ckpt_path, snapshot(time.time() - t0))  # a crash loses at most eval_every steps
                     eval_s += time.time() - t_eval
                     log_progress(bar, step, loss=f"{loss.item():.4f}", val_solved=f"{val_acc:.3f}", givens=f">={lo}",
                                  samples_per_s=f"{speed:.0f}")

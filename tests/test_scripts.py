@@ -18,22 +18,25 @@ from common import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# script -> (tiny flags for a CPU run of a few seconds, headline keys the script promises)
+# script -> (tiny flags for a CPU run of a few seconds, logging at step 2 of 4; headline keys the script promises)
 SCRIPTS = {
-    "grokking_mod97": (["--p", "11", "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+    "grokking_mod97": (["--p", "11", "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16",
+                        "--eval_every", "2"],
                        ["steps_to_95", "steps_to_99", "seconds_to_99"]),
     "recurrent_addition": (["--steps", "4", "--iters", "4", "--train_iters", "2", "--width", "16",
-                            "--train_digits", "3", "--test_digits", "4,8", "--n_test", "8", "--batch_size", "8"],
+                            "--train_digits", "3", "--test_digits", "4,8", "--n_test", "8", "--batch_size", "8",
+                            "--eval_every", "2"],
                            ["exact_4", "exact_8", "iters_needed_8", "exact_8_at_4x", "max_drop_at_4x"]),
     "recurrent_shortest_path": (["--map", "plane", "--n_cities", "40", "--max_hops", "12", "--n_test", "16",
-                                 "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16"],
+                                 "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16",
+                                 "--eval_every", "2"],
                                 ["valid_hops_sources", "reach_1.05_sources", "reach_1.05_pairs", "probe_r2"]),
     "sudoku_gnn": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16", "--msg_width", "16",
-                    "--batch_size", "8", "--n_test", "2", "--n_overthink", "2"],
+                    "--batch_size", "8", "--n_test", "2", "--n_overthink", "2", "--eval_every", "2"],
                    ["solved_17_at_iters", "solved_30_34_at_iters", "solved_all_at_iters", "drop_to_4x_iters",
                     "samples_per_s"]),
     "sudoku_deq": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16", "--msg_width", "16",
-                    "--batch_size", "8", "--n_test", "1"],
+                    "--batch_size", "8", "--n_test", "1", "--eval_every", "2"],
                    ["spectral_radius", "residual", "solved_17_at_iters", "solved_all_at_iters", "recoveries"]),
     "learned_adjacency": (["--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16", "--msg_width", "16",
                            "--sampler_width", "16", "--batch_size", "4", "--n_test", "2", "--var_draws", "2",
@@ -76,27 +79,45 @@ def check_contract(script, out_dir, iters, headline_keys):
 
 
 @contextlib.contextmanager
-def sigterm_in_backward(n):
-    """SIGTERM to this process in the middle of the n-th training step (at its backward pass), as `timeout` would
-    send it: the training loop must finish that step, save it whole and exit 130."""
+def in_backward(n, action):
+    """Call action() in the middle of the n-th training step of this process, at its backward pass."""
     backward, calls = torch.Tensor.backward, []
 
-    def signalling_backward(self, *args, **kwargs):
+    def backward_with_action(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would kill the test process"
-            signal.raise_signal(signal.SIGTERM)
+            action()
         return backward(self, *args, **kwargs)
 
-    torch.Tensor.backward = signalling_backward
+    torch.Tensor.backward = backward_with_action
     try:
         yield
     finally:
         torch.Tensor.backward = backward
 
 
+def sigterm_in_backward(n):
+    """SIGTERM to this process in the n-th training step, as `timeout` would send it: the training loop must finish
+    that step, save it whole and exit 130."""
+    def sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would kill the test process"
+        signal.raise_signal(signal.SIGTERM)
+    return in_backward(n, sigterm)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_in_backward(n):
+    """An error in the n-th training step (out of memory, a lost machine): the run dies without saving anything."""
+    def crash():
+        raise Crash
+    return in_backward(n, crash)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_end_to_end(script, tmp_path):
+def test_end_to_end(script, tmp_path, capsys):
     args, headline_keys = SCRIPTS[script]
     iters, steps = flag(args, "--iters"), flag(args, "--steps")
     out = str(tmp_path / "run")
@@ -113,12 +134,19 @@ def test_end_to_end(script, tmp_path):
     check_contract(script, str(tmp_path / "eval"), iters + 2, headline_keys)
     assert evaluated["config"]["width"] == ckpt["config"]["width"]
 
-    # same seed on CPU -> same curves, also when SIGTERM stops the run in its second step and --resume finishes it
+    # same seed on CPU -> same curves, also when SIGTERM stops the run in its first step, --resume goes on, a crash
+    # in step 3 leaves the checkpoint of the log step 2 (grokking_mod97 saves after each seed of a few seconds), and
+    # --resume finishes from there
     interrupted = args + ["--out_dir", str(tmp_path / "again"), "--device", "cpu"]
-    with sigterm_in_backward(2), pytest.raises(SystemExit) as e:
+    capsys.readouterr()
+    with sigterm_in_backward(1), pytest.raises(SystemExit) as e:
         run(script, interrupted)
-    assert e.value.code == 130
-    assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().out
+    assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == 1
+    with crash_in_backward(2), pytest.raises(Crash):
+        run(script, interrupted + ["--resume"])
+    saved_at = 1 if script == "grokking_mod97" else 2
+    assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == saved_at
     assert run(script, interrupted + ["--resume"])["acc"] == results["acc"]
 
     # --resume continues from the saved step
@@ -168,26 +196,18 @@ def finish_all(procs, after_first_log=False):
         return list(pool.map(finish, procs))
 
 
-@pytest.fixture(scope="module")
-def sigterm_runs(tmp_path_factory):
-    """Each script's tiny run with a log line every step, stopped by SIGTERM after its first one."""
-    outs, procs = {}, []
-    for script, (args, _) in SCRIPTS.items():
-        args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:], "--steps", "100000",
-                "--eval_every", "1"]
-        outs[script] = tmp_path_factory.mktemp(script)
-        procs.append(command_line(script, *args, "--device", "cpu", "--out_dir", str(outs[script])))
-    return {script: (out, result) for (script, out), result in zip(outs.items(), finish_all(procs, True))}
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(script, sigterm_runs):
+def test_sigterm_from_outside_saves_a_checkpoint_like_ctrl_c(tmp_path):
     """`timeout` and batch schedulers stop a run with SIGTERM: the run must save its checkpoint and exit 130, as on
-    Ctrl-C. With the output piped the tqdm bar is off and every log step prints a line: the signal goes after one."""
-    out, (returncode, stdout, stderr) = sigterm_runs[script]
+    Ctrl-C. A real process this time (test_end_to_end signals each script from inside): with the output piped the tqdm
+    bar is off and every log step prints a line, and the signal goes after the first one. The handler is common.py's
+    StopAfterStep, the same in every script, so one script stands for all (one with no early stop at a target)."""
+    args = SCRIPTS["recurrent_addition"][0]
+    args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:], "--steps", "100000", "--eval_every", "1"]
+    [(returncode, stdout, stderr)] = finish_all([command_line("recurrent_addition", *args, "--device", "cpu",
+                                                              "--out_dir", str(tmp_path))], after_first_log=True)
     assert returncode == 130, stderr
     assert "interrupted" in stdout and "Traceback" not in stderr
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -202,22 +222,26 @@ def test_bad_flags_exit_2(script, bad, capsys):
     assert err.startswith("error:") and "\n" not in err
 
 
-@pytest.fixture(scope="module")
-def bad_checkpoint_runs(tmp_path_factory):
-    """Each script given a missing checkpoint and a checkpoint of another script, on the real command line."""
-    tmp = tmp_path_factory.mktemp("bad_checkpoints")
-    other = tmp / "other.pt"
+def bad_checkpoints(tmp_path):
+    other = tmp_path / "other.pt"
     torch.save({"model": {}, "config": {"not_a_field": 1}}, other)
-    runs = [(script, path) for script in SCRIPTS for path in (tmp / "missing.pt", other)]
-    results = finish_all([command_line(script, "--ckpt", str(path), "--out_dir", str(tmp / "o"))
-                          for script, path in runs])
-    return {script: [r for (s, _), r in zip(runs, results) if s == script] for script in SCRIPTS}
+    return tmp_path / "missing.pt", other
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_errors_are_one_line(script, bad_checkpoint_runs):
-    """From the real command line: a missing checkpoint and a checkpoint of another script exit 2, no traceback."""
-    for returncode, _, stderr in bad_checkpoint_runs[script]:
+def test_a_missing_or_foreign_checkpoint_exits_2(script, tmp_path, capsys):
+    for path in bad_checkpoints(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            run(script, ["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err, err
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """The same from the real command line (common.py's user_error, shared by every script): exit 2, no traceback."""
+    results = finish_all([command_line("sudoku_gnn", "--ckpt", str(path), "--out_dir", str(tmp_path / "o"))
+                          for path in bad_checkpoints(tmp_path)])
+    for returncode, _, stderr in results:
         assert returncode == 2, stderr
         assert stderr.startswith("error:") and "Traceback" not in stderr
         assert len(stderr.strip().splitlines()) == 1
