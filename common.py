@@ -200,8 +200,10 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, config_cls):
-    """Load a checkpoint written by a script with this Config; anything else is a user error."""
+def load_checkpoint(path, config_cls, may_lack=()):
+    """Load a checkpoint written by a script with this Config; anything else is a user error. Its config may lack
+    the fields in `may_lack` (evaluation flags the script gained after the checkpoint was written: they come from
+    the command line)."""
     if not os.path.isfile(path):
         user_error(f"checkpoint {path} does not exist")
     try:
@@ -209,8 +211,10 @@ def load_checkpoint(path, config_cls):
     except Exception as e:  # torch raises many types for a corrupt or foreign file
         user_error(f"checkpoint {path} could not be read ({type(e).__name__})")
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    if not isinstance(ckpt, dict) or {"model", "config"} - ckpt.keys() or set(ckpt["config"]) != fields:
-        user_error(f"checkpoint {path} was not written by {config_cls.__module__}.py (config fields differ)")
+    if (not isinstance(ckpt, dict) or {"model", "config"} - ckpt.keys() or set(ckpt["config"]) - fields
+            or fields - set(ckpt["config"]) - set(may_lack)):
+        script = os.path.basename(sys.modules[config_cls.__module__].__file__)
+        user_error(f"checkpoint {path} was not written by {script} (config fields differ)")
     return ckpt
 
 
@@ -218,7 +222,7 @@ def resume_checkpoint(path, config_cls, cfg, may_change):
     """--resume continues the run saved at `path`, so every flag but the step budget, the log interval and those in
     `may_change` (evaluation and system flags) must be as saved: a changed --lr would be overridden by the saved
     optimizer state, a changed data flag would train on other data, and results.json would report neither."""
-    ckpt = load_checkpoint(path, config_cls)
+    ckpt = load_checkpoint(path, config_cls, may_change)
     changed = [f"--{k} {getattr(cfg, k)} (saved: {v})" for k, v in ckpt["config"].items()
                if k not in (*may_change, "steps", "eval_every", "resume") and getattr(cfg, k) != v]
     if changed:

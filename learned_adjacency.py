@@ -407,7 +407,7 @@ def plot_adjacency(path, log, mean_p, adj, k, frozen_at):
 def main(cfg):
     saved = None
     if cfg.ckpt:
-        saved = load_checkpoint(cfg.ckpt, Config)
+        saved = load_checkpoint(cfg.ckpt, Config, EVAL_FLAGS)
         cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

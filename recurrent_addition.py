@@ -305,7 +305,7 @@ def headline_numbers(acc, iters):
 def main(cfg):
     saved = None
     if cfg.ckpt:
-        saved = load_checkpoint(cfg.ckpt, Config)
+        saved = load_checkpoint(cfg.ckpt, Config, EVAL_FLAGS)
         # the checkpoint's own test lengths unless --test_digits names others
         lengths = ("test_digits",) if cfg.test_digits != Config.test_digits else ()
         cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS + lengths)

@@ -431,7 +431,7 @@ def probe_r2(emb, target, folds=5, alpha=1.0):
 
 def main(cfg):
     if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt, Config)
+        ckpt = load_checkpoint(cfg.ckpt, Config, EVAL_FLAGS)
         cfg = eval_config(Config, ckpt["config"], cfg, EVAL_FLAGS)
     set_seed(cfg.seed)
     device = pick_device(cfg.device)

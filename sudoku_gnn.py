@@ -7,7 +7,7 @@ state with a GRU cell that re-reads the input embedding ("recall"), then predict
 run for more. The answer after k iterations is the plain argmax: no masking, search or retries. Each training step
 starts from a state 0..train_iters-1 iterations deep, reached without gradient (progressive loss, Bansal et al.
 2022). That alone does not stop overthinking: the state never settles, and run 4x longer than --iters, puzzles it
-had solved come undone (CPU scale below, --settle 0, seeds 0 / 1: 1.1 / 46.7 points lost from 32 to 128 iterations).
+had solved come undone (CPU scale below, --settle 0, seeds 0 / 1: 13.3 / 43.9 points lost from 32 to 128 iterations).
 So the loss also penalises one extra iteration after the last trained one for moving the state (--settle): the
 answer becomes a fixed point, the state's move per iteration decays instead of growing, and more iterations stop
 hurting.
@@ -25,9 +25,10 @@ loss's 15.5 forward-only iterations on average, +3% for --settle), i.e. 21 TFLOP
 few % of an H100's bf16 peak: the cost is memory traffic, which is
 why the cell is compiled on CUDA and runs under bf16 autocast; there is no host sync per step except on log steps.
 
-Evaluation: RRN's test set, solved rate (all 81 cells right) per givens count 17..34 after every iteration
-1..--iters; an overthinking check at 4x --iters on a subset; adaptive compute (a puzzle halts as soon as its argmax
-is a valid grid that keeps the givens); movie.gif of a hard puzzle; `--ckpt PATH --puzzles FILE` solves your own.
+Evaluation: RRN's test set (--eval_set validation to choose settings), solved rate (all 81 cells right) per givens
+count 17..34 after every iteration 1..--iters; an overthinking check at 4x --iters on a subset; adaptive compute (a
+puzzle halts as soon as its argmax is a valid grid that keeps the givens); movie.gif of a hard puzzle;
+`--ckpt PATH --puzzles FILE` solves your own.
 
 Headline (trained with 32 iterations, evaluated with 64):
     python sudoku_gnn.py --iters 64
@@ -44,8 +45,10 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     order) the same command gave 98.0% / 94.0% and 55.0% / 52.5% (+2.8 / +3.3 points at 128) here, and 95.0% /
     97.0% and 53.3% / 53.3% (+3.1 / +2.2 at 128, 56.1% / 50.3% at 256) on another machine of the same kind, where
     --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower at 128, 39.2% / 0.0% at 256.
-    The current code (the peer sum's backward written out: the same arithmetic, other summation order), seed 0:
-    95.0% / 54.4%, 3.6 points higher at 128, adaptive halting 54.7% at 21.0 iterations (339 s, beside another run).
+    The current code (the peer sum's backward written out: the same arithmetic, other summation order), seeds 0 / 1:
+    95.0% / 94.0% and 54.4% / 49.7%, 3.6 / 2.2 points higher at 128, adaptive halting 54.7% / 51.9% at 21.0 / 21.1
+    iterations (339 / 478 s); --settle 0: 53.9% / 47.8%, 13.3 / 43.9 points LOWER at 128. The penalty was chosen on
+    RRN validation puzzles (README).
     Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
     the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
     97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
@@ -92,7 +95,8 @@ class Config:
     seed: int = 0
     # evaluation
     iters: int = 64  # maximum iterations at test; the solved rate is reported after every one
-    n_test: int = 0  # test puzzles per givens count (RRN test has 1,000 each); 0 = all
+    eval_set: str = "test"  # test | validation: RRN's sets of 1,000 puzzles per givens count (choose on validation)
+    n_test: int = 0  # evaluation puzzles per givens count; 0 = all
     n_overthink: int = 200  # puzzles per givens count for the check at 4x --iters; 0 = skip it
     eval_every: int = 1000  # log loss and the validation solved rate every this many steps; 0 = only at the end
     puzzles: str = ""  # with --ckpt: solve the puzzles in this file instead of the test set
@@ -111,12 +115,14 @@ class Config:
             raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
         if self.msg_width < 1 or self.warmup < 0 or self.n_overthink < 0 or self.settle < 0:
             raise ValueError("--msg_width must be >= 1, --warmup, --n_overthink and --settle >= 0")
+        if self.eval_set not in ("test", "validation"):
+            raise ValueError(f"--eval_set must be test or validation, got {self.eval_set!r}")
         if self.puzzles and not self.ckpt:
             raise ValueError("--puzzles needs --ckpt (a trained model to solve them with)")
 
 
-EVAL_FLAGS = ("iters", "n_test", "n_overthink", "eval_every", "puzzles", "device", "dtype", "compile", "out_dir",
-              "ckpt")
+EVAL_FLAGS = ("iters", "eval_set", "n_test", "n_overthink", "eval_every", "puzzles", "device", "dtype", "compile",
+              "out_dir", "ckpt")
 EVAL_BATCH = 2048  # puzzles per evaluation forward
 ITER_CHUNK = 16  # iterations per evaluation call; the state is carried between calls
 VAL_N = 50  # validation puzzles per givens count for the --eval_every log
@@ -304,7 +310,7 @@ def hardest_solved(correct):
 def main(cfg):
     saved = None
     if cfg.ckpt:
-        saved = load_checkpoint(cfg.ckpt, Config)
+        saved = load_checkpoint(cfg.ckpt, Config, EVAL_FLAGS)
         cfg = eval_config(Config, saved["config"], cfg, EVAL_FLAGS)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -388,7 +394,7 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test_np = load_test_set(RRN_TEST)
+    test_np = load_test_set(RRN_TEST if cfg.eval_set == "test" else RRN_VAL)
     test = groups_to_device(test_np, cfg.n_test, device)
     acc, solved, adaptive = evaluate(model, test, cfg.iters, dtype)
     over_acc = None  # the same model run 4x longer on a subset: does the answer survive the extra iterations?
@@ -419,7 +425,7 @@ def main(cfg):
         save_checkpoint(ckpt_path, snapshot(elapsed))
     plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"),
                       {f"{g} givens": acc[g] for g in PLOT_GROUPS if g in acc} | {"all": acc["all"]},
-                      cfg.train_iters, f"sudoku RRN, width {cfg.width}, RRN test set", ylabel="solved rate")
+                      cfg.train_iters, f"sudoku RRN, width {cfg.width}, RRN {cfg.eval_set} set", ylabel="solved rate")
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     print(f"final: solved at {cfg.iters} iters: 17 givens {fmt(headline['solved_17_at_iters'])} | 30-34 "
           f"{fmt(headline['solved_30_34_at_iters'])} | all {fmt(headline['solved_all_at_iters'])} | drop to "

@@ -85,6 +85,21 @@ def test_bad_checkpoints_exit_2(tmp_path, capsys):
         assert path in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_new_evaluation_flag_still_loads(tmp_path, capsys):
+    """A script that gains an evaluation flag still reads its older checkpoints; a missing training field (here
+    lr) or a field it does not know is another script's checkpoint."""
+    old = dataclasses.asdict(Config())
+    del old["iters"]
+    path = str(tmp_path / "old.pt")
+    save_checkpoint(path, {"model": {}, "config": old})
+    assert load_checkpoint(path, Config, may_lack=["iters"])["config"] == old
+    for config in ({k: v for k, v in old.items() if k != "lr"}, {**dataclasses.asdict(Config()), "other": 1}):
+        save_checkpoint(path, {"model": {}, "config": config})
+        with pytest.raises(SystemExit) as e:
+            load_checkpoint(path, Config, may_lack=["iters"])
+        assert e.value.code == 2 and "was not written by test_common.py" in capsys.readouterr().err
+
+
 def test_eval_config_takes_only_evaluation_flags(capsys):
     saved, cli = dataclasses.asdict(Config(train_iters=3, lr=0.1)), Config(iters=9, lr=0.5)
     cfg = eval_config(Config, saved, cli, ["iters"])

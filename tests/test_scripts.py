@@ -238,13 +238,15 @@ def test_a_missing_or_foreign_checkpoint_exits_2(script, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    """The same from the real command line (common.py's user_error, shared by every script): exit 2, no traceback."""
+    """The same from the real command line (common.py's user_error, shared by every script): exit 2, no traceback,
+    and the script named by its file (its module is __main__ there)."""
     results = finish_all([command_line("sudoku_gnn", "--ckpt", str(path), "--out_dir", str(tmp_path / "o"))
                           for path in bad_checkpoints(tmp_path)])
     for returncode, _, stderr in results:
         assert returncode == 2, stderr
         assert stderr.startswith("error:") and "Traceback" not in stderr
         assert len(stderr.strip().splitlines()) == 1
+    assert "was not written by sudoku_gnn.py" in results[1][2]
 
 
 def test_configs_are_plain():
