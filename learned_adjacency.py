@@ -52,7 +52,7 @@ from common import (StopAfterStep, autocast, device_name, eval_config, fp32, loa
                     maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
                     resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
                     write_results)
-from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
+from sudoku_data import EVAL_SETS, RRN_VAL, groups_to_device, load_test_set, peer_index, sample_batch, train_pool
 
 BASELINES = ("none", "ema", "rloo")
 
@@ -91,7 +91,8 @@ class Config:
     seed: int = 0
     # evaluation
     iters: int = 64  # maximum GNN iterations at test; the solved rate is reported after every one
-    n_test: int = 0  # test puzzles per givens count (RRN test has 1,000 each); 0 = all
+    eval_set: str = field(default="test", metadata={"choices": tuple(EVAL_SETS)})  # choose settings on validation
+    n_test: int = 0  # evaluation puzzles per givens count; 0 = all
     test_graph: str = field(default="topk", metadata={"choices": ("sampled", "topk")})  # graph used at test time
     eval_every: int = 1000  # log validation solved rate, precision and gradient variance; 0 = only at the end
     var_draws: int = 16  # repeated graph draws for the gradient-variance measurement
@@ -121,7 +122,7 @@ class Config:
             raise ValueError("--ema_decay must be in [0, 1); --curriculum, --refine in [0, 1]; --graph_steps in (0, 1]")
 
 
-EVAL_FLAGS = ("iters", "n_test", "test_graph", "var_draws", "device", "dtype", "compile", "out_dir", "ckpt")
+EVAL_FLAGS = ("iters", "eval_set", "n_test", "test_graph", "var_draws", "device", "dtype", "compile", "out_dir", "ckpt")
 EVAL_BATCH = 1024  # puzzles per evaluation forward
 ITER_CHUNK = 16  # GNN iterations per evaluation call; the state is carried between calls
 VAL_N = 50  # validation puzzles per givens count for the --eval_every log
@@ -432,9 +433,8 @@ def main(cfg):
         if not cfg.ckpt:
             opt.load_state_dict(state["optimizer"])
             step, time_before, val_log = state["step"], state["train_time_s"], state["val_log"]
-            set_generator_state(data_gen, state["data_rng"])
-            set_generator_state(graph_gen, state["graph_rng"])
-            set_generator_state(host_gen, state["host_rng"])
+            for gen, key in ((data_gen, "data_rng"), (graph_gen, "graph_rng"), (host_gen, "host_rng")):
+                set_generator_state(gen, state[key])
             set_rng_state(state["rng"])
     # compile the hot step (run train_iters times); wrapping forward keeps the state_dict keys unchanged
     model.gnn.cell.forward = maybe_compile(model.gnn.cell.forward, cfg.compile, device)
@@ -533,7 +533,7 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test = groups_to_device(load_test_set(RRN_TEST), cfg.n_test, device)
+    test = groups_to_device(load_test_set(EVAL_SETS[cfg.eval_set]), cfg.n_test, device)
     acc, adaptive, precision, recall, mean_p = evaluate(model, test, cfg.iters, cfg, adj, dtype)
     grad_var = grad_variance(model, *var_batch, cfg, cfg.var_draws, dtype)
     headline = {"adjacency_precision": precision, "adjacency_recall": recall,
@@ -551,7 +551,7 @@ def main(cfg):
         save_checkpoint(ckpt_path, snapshot(elapsed, results))
     plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"),
                       {f"{g} givens": acc[g] for g in PLOT_GROUPS if g in acc} | {"all": acc["all"]},
-                      cfg.train_iters, f"learned graph ({cfg.test_graph}, K = {cfg.k}), RRN test", ylabel="solved rate")
+                      cfg.train_iters, f"{cfg.test_graph} graph, K = {cfg.k}, RRN {cfg.eval_set}", ylabel="solved rate")
     if val_log:
         plot_adjacency(os.path.join(cfg.out_dir, "adjacency.png"), val_log, mean_p, adj, cfg.k, frozen_at)
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)

@@ -32,6 +32,7 @@ from common import pick_device, user_error
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 POOL_FILE, RRN_TEST, RRN_VAL = (os.path.join(DATA_DIR, f) for f in (
     "sudoku17.csv.xz", "rrn-test.csv.xz", "rrn-validation.csv.xz"))
+EVAL_SETS = {"test": RRN_TEST, "validation": RRN_VAL}  # each 1,000 puzzles per givens count 17..34
 
 # ---------------------------------------------------------------------------------------------------------------
 # the board: 27 units (rows, columns, boxes) and the 20 peers of each cell

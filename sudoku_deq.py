@@ -70,7 +70,7 @@ from common import (StopAfterStep, autocast, device_name, eval_config, fp32, loa
                     log_progress, maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
                     resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
                     write_results)
-from sudoku_data import RRN_TEST, RRN_VAL, groups_to_device, load_test_set, peer_relu_sum, sample_batch, train_pool
+from sudoku_data import EVAL_SETS, RRN_VAL, groups_to_device, load_test_set, peer_relu_sum, sample_batch, train_pool
 
 
 @dataclass
@@ -105,7 +105,8 @@ class Config:
     seed: int = 0
     # evaluation
     iters: int = 64  # solver iterations at test; the solved rate is reported after every one
-    n_test: int = 0  # test puzzles per givens count (RRN test has 1,000 each); 0 = all
+    eval_set: str = field(default="test", metadata={"choices": tuple(EVAL_SETS)})  # choose settings on validation
+    n_test: int = 0  # evaluation puzzles per givens count; 0 = all
     eval_every: int = 1000  # log loss, validation solved rate and the stability numbers; 0 = only at the end
     # system
     device: str = "auto"
@@ -126,7 +127,7 @@ class Config:
             raise ValueError("--tol, --stab_weight, --rho_target and --warmup must be >= 0")
 
 
-EVAL_FLAGS = ("iters", "n_test", "solver", "anderson_m", "device", "dtype", "compile", "out_dir", "ckpt")
+EVAL_FLAGS = ("iters", "eval_set", "n_test", "solver", "anderson_m", "device", "dtype", "compile", "out_dir", "ckpt")
 EVAL_BATCH = 1024  # puzzles per evaluation solve (Anderson keeps 2m states of each)
 VAL_N = 50  # validation puzzles per givens count for the --eval_every log
 SPEC_N = 64  # puzzles in each logged spectral-radius estimate
@@ -507,7 +508,7 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test = groups_to_device(load_test_set(RRN_TEST), cfg.n_test, device)
+    test = groups_to_device(load_test_set(EVAL_SETS[cfg.eval_set]), cfg.n_test, device)
     acc, solved, res_curve, rho, cell_acc = evaluate(model, test, cfg, cfg.iters, dtype, fast_cell)
     mid = [solved[k][-1] for k, g in enumerate(test) if 30 <= g <= 34]
     headline = {"solved_17_at_iters": acc["17"][-1] if "17" in acc else None,
@@ -528,7 +529,7 @@ def main(cfg):
         save_checkpoint(ckpt_path, snapshot(elapsed) | {"results": results})
     plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"),
                       {f"{g} givens": acc[g] for g in PLOT_GROUPS if g in acc} | {"all": acc["all"]},
-                      cfg.train_iters, f"sudoku DEQ ({cfg.solver}), width {cfg.width}, RRN test set",
+                      cfg.train_iters, f"sudoku DEQ ({cfg.solver}), width {cfg.width}, RRN {cfg.eval_set} set",
                       ylabel="solved rate")
     if log["step"]:
         plot_stability(os.path.join(cfg.out_dir, "stability.png"), log,

@@ -58,7 +58,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -69,8 +69,8 @@ from common import (StopAfterStep, autocast, device_name, eval_config, load_chec
                     maybe_compile, parse_config, peak_mem_gb, pick_device, pick_dtype, plot_acc_vs_iters,
                     resume_checkpoint, rng_state, save_checkpoint, set_generator_state, set_rng_state, set_seed, sync,
                     write_results)
-from sudoku_data import (RRN_TEST, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_relu_sum, read_puzzles,
-                         sample_batch, train_pool)
+from sudoku_data import (EVAL_SETS, RRN_VAL, groups_to_device, is_valid_grid, load_test_set, peer_relu_sum,
+                         read_puzzles, sample_batch, train_pool)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Config:
     seed: int = 0
     # evaluation
     iters: int = 64  # maximum iterations at test; the solved rate is reported after every one
-    eval_set: str = "test"  # test | validation: RRN's sets of 1,000 puzzles per givens count (choose on validation)
+    eval_set: str = field(default="test", metadata={"choices": tuple(EVAL_SETS)})  # choose settings on validation
     n_test: int = 0  # evaluation puzzles per givens count; 0 = all
     n_overthink: int = 200  # puzzles per givens count for the check at 4x --iters; 0 = skip it
     eval_every: int = 1000  # log loss and the validation solved rate every this many steps; 0 = only at the end
@@ -115,8 +115,6 @@ class Config:
             raise ValueError(f"--curriculum must be in [0, 1], got {self.curriculum}")
         if self.msg_width < 1 or self.warmup < 0 or self.n_overthink < 0 or self.settle < 0:
             raise ValueError("--msg_width must be >= 1, --warmup, --n_overthink and --settle >= 0")
-        if self.eval_set not in ("test", "validation"):
-            raise ValueError(f"--eval_set must be test or validation, got {self.eval_set!r}")
         if self.puzzles and not self.ckpt:
             raise ValueError("--puzzles needs --ckpt (a trained model to solve them with)")
 
@@ -394,7 +392,7 @@ def main(cfg):
     samples_per_s = (step - start) * cfg.batch_size / max(elapsed - eval_s, 1e-9) if not cfg.ckpt else None
 
     model.eval()
-    test_np = load_test_set(RRN_TEST if cfg.eval_set == "test" else RRN_VAL)
+    test_np = load_test_set(EVAL_SETS[cfg.eval_set])
     test = groups_to_device(test_np, cfg.n_test, device)
     acc, solved, adaptive = evaluate(model, test, cfg.iters, dtype)
     over_acc = None  # the same model run 4x longer on a subset: does the answer survive the extra iterations?

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import sudoku_data
 from common import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def crash_in_backward(n):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_end_to_end(script, tmp_path, capsys):
+def test_end_to_end(script, tmp_path, capsys, monkeypatch):
     args, headline_keys = SCRIPTS[script]
     iters, steps = flag(args, "--iters"), flag(args, "--steps")
     out = str(tmp_path / "run")
@@ -133,6 +134,15 @@ def test_end_to_end(script, tmp_path, capsys):
                              *eval_flags(script, args), "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
     check_contract(script, str(tmp_path / "eval"), iters + 2, headline_keys)
     assert evaluated["config"]["width"] == ckpt["config"]["width"]
+    module = importlib.import_module(script)
+    if "eval_set" in module.EVAL_FLAGS:  # the sudoku scripts: settings are chosen without reading a test puzzle
+        read = []
+        with monkeypatch.context() as m:
+            m.setattr(module, "load_test_set",
+                      lambda path, *a: read.append(path) or sudoku_data.load_test_set(path, *a))
+            run(script, ["--ckpt", os.path.join(out, "ckpt.pt"), "--eval_set", "validation", *eval_flags(script, args),
+                         "--out_dir", str(tmp_path / "eval_validation"), "--device", "cpu"])
+        assert read and set(read) == {sudoku_data.RRN_VAL}, read
 
     # same seed on CPU -> same curves, also when SIGTERM stops the run in its first step, --resume goes on, a crash
     # in step 3 leaves the checkpoint of the log step 2 (grokking_mod97 saves after each seed of a few seconds), and

@@ -170,13 +170,3 @@ def test_puzzles_file_with_solutions_reports_matches(tiny_ckpt, tmp_path, capsys
     assert [r[4] for r in rows] == [f"matches={m}" for m in matches]
     assert lines[-1] == f"solved {sum(matches)}/3" and out["solved"] == sum(matches)
 
-
-def test_eval_set_validation_never_reads_the_test_set(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    """Settings are chosen on --eval_set validation: that evaluation must not touch a test puzzle."""
-    read = []
-    monkeypatch.setattr(sg, "load_test_set", lambda path, *a: read.append(path) or sd.load_test_set(path, *a))
-    code, _, err = run_cli(capsys, "--ckpt", tiny_ckpt, "--eval_set", "validation", "--iters", "2", "--n_test", "1",
-                           "--device", "cpu", "--out_dir", str(tmp_path / "o"))
-    assert code == 0 and read == [sd.RRN_VAL], (err, read)
-    code, _, err = run_cli(capsys, "--ckpt", tiny_ckpt, "--eval_set", "train")
-    assert code == 2 and "--eval_set must be test or validation" in err
