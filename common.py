@@ -202,8 +202,8 @@ def save_checkpoint(path, obj):
 
 def load_checkpoint(path, config_cls, may_lack=()):
     """Load a checkpoint written by a script with this Config; anything else is a user error. Its config may lack
-    the fields in `may_lack` (evaluation flags the script gained after the checkpoint was written: they come from
-    the command line)."""
+    the fields in `may_lack`, the evaluation flags, which come from the command line: so an evaluation flag added to
+    a script later does not orphan the checkpoints written before it."""
     if not os.path.isfile(path):
         user_error(f"checkpoint {path} does not exist")
     try:
@@ -213,7 +213,7 @@ def load_checkpoint(path, config_cls, may_lack=()):
     fields = {f.name for f in dataclasses.fields(config_cls)}
     if (not isinstance(ckpt, dict) or {"model", "config"} - ckpt.keys() or set(ckpt["config"]) - fields
             or fields - set(ckpt["config"]) - set(may_lack)):
-        script = os.path.basename(sys.modules[config_cls.__module__].__file__)
+        script = os.path.basename(getattr(sys.modules[config_cls.__module__], "__file__", config_cls.__module__))
         user_error(f"checkpoint {path} was not written by {script} (config fields differ)")
     return ckpt
 

@@ -458,10 +458,10 @@ def main(cfg):
             set_rng_state(ckpt["rng"])
             set_generator_state(gen, ckpt["data_rng"])
 
-    def checkpoint(train_time, results=None):
+    def checkpoint(train_time_s, results=None):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
                                     "step": step, "results": results, "rng": rng_state(),
-                                    "data_rng": gen.get_state(), "train_time_s": train_time})
+                                    "data_rng": gen.get_state(), "train_time_s": train_time_s})
 
     fast = maybe_compile(model, cfg.compile, device)
     k_train = cfg.train_iters if model.recurrent else 1

@@ -30,7 +30,7 @@ real l > 1), and a contraction by construction would have to bound every weight 
 update gate z off 1 (df/dh contains diag(z)), far more than keeping the radius under 1 where the fixed points are.
 A non-finite loss or weight (checked every CHECK_EVERY = 100 steps and at log steps, so as not to wait for the
 device every step) rolls the model back to the last good state, up to 100 steps back, and halves the learning rate;
-after 3 such recoveries the run stops with a message; ckpt.pt keeps its last good save (every log step saves).
+after 3 such recoveries the run stops with a message, and ckpt.pt keeps the last log step's save, if any.
 Test-time compute: the RRN test solved rate (and share of blank cells right) after k = 1..--iters solver
 iterations, per givens count 17..34.
 
@@ -462,7 +462,7 @@ def main(cfg):
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
                         print(f"stopped: non-finite loss or weights at step {step} after {MAX_RECOVERIES} "
-                              f"recoveries (lr now x{lr_scale:g}); {ckpt_path} keeps its last good save")
+                              f"recoveries (lr now x{lr_scale:g}); {ckpt_path} keeps the last log step's save, if any")
                         sys.exit(1)
                     model.load_state_dict(good[0])
                     opt.load_state_dict(good[1])

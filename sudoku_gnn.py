@@ -47,8 +47,8 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower at 128, 39.2% / 0.0% at 256.
     The current code (the peer sum's backward written out: the same arithmetic, other summation order), seeds 0 / 1:
     95.0% / 94.0% and 54.4% / 49.7%, 3.6 / 2.2 points higher at 128, adaptive halting 54.7% / 51.9% at 21.0 / 21.1
-    iterations (339 / 478 s); --settle 0: 53.9% / 47.8%, 13.3 / 43.9 points LOWER at 128. The penalty was chosen on
-    RRN validation puzzles (README).
+    iterations (339 / 478 s); --settle 0: 53.9% / 47.8%, 13.3 / 43.9 points LOWER at 128; on RRN validation puzzles
+    too (README).
     Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
     the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
     97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).

@@ -19,7 +19,8 @@ from common import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# script -> (tiny flags for a CPU run of a few seconds, logging at step 2 of 4; headline keys the script promises)
+# script -> (tiny flags for a CPU run of a few seconds: 4 steps, one backward pass each, a log step at 2; headline keys
+# the script promises)
 SCRIPTS = {
     "grokking_mod97": (["--p", "11", "--steps", "4", "--iters", "3", "--train_iters", "2", "--width", "16",
                         "--eval_every", "2"],
@@ -117,6 +118,19 @@ def crash_in_backward(n):
     return in_backward(n, crash)
 
 
+def assert_same_training_state(path_a, path_b):
+    """Two checkpoints hold the same step, weights and optimizer state, bit for bit."""
+    a, b = (torch.load(path, weights_only=True) for path in (path_a, path_b))
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys() and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+    for p, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            other = b["optimizer"]["state"][p][k]
+            assert torch.equal(v, other) if torch.is_tensor(v) else v == other, (p, k)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_end_to_end(script, tmp_path, capsys, monkeypatch):
     args, headline_keys = SCRIPTS[script]
@@ -158,6 +172,7 @@ def test_end_to_end(script, tmp_path, capsys, monkeypatch):
     saved_at = 1 if script == "grokking_mod97" else 2
     assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["step"] == saved_at
     assert run(script, interrupted + ["--resume"])["acc"] == results["acc"]
+    assert_same_training_state(os.path.join(out, "ckpt.pt"), tmp_path / "again" / "ckpt.pt")  # tiny runs solve little
 
     # --resume continues from the saved step
     run(script, args + ["--out_dir", out, "--device", "cpu", "--resume", "--steps", str(2 * steps)])

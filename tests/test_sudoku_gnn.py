@@ -169,4 +169,3 @@ def test_puzzles_file_with_solutions_reports_matches(tiny_ckpt, tmp_path, capsys
     matches = [r[1] == "".join(map(str, s)) for r, s in zip(rows, sol)]  # independent of the printed flag
     assert [r[4] for r in rows] == [f"matches={m}" for m in matches]
     assert lines[-1] == f"solved {sum(matches)}/3" and out["solved"] == sum(matches)
-
