@@ -37,18 +37,14 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     python sudoku_gnn.py --device cpu --width 32 --msg_width 32 --min_givens 30 --train_iters 8 --iters 32 \\
         --steps 1500 --batch_size 32 --lr 1e-2 --warmup 50 --curriculum 0.3 --n_test 20 --n_overthink 20 \\
         --eval_every 250
-    CPU result (seeds 0 / 1, one thread each, 281 / 278 s of training on a shared 2-core x86 machine; 20 test
-    puzzles per givens count): RRN test puzzles with 30-34 givens solved 96.0% / 96.0% at 32 iterations, all givens
-    55.6% / 55.3% (0% with 17 givens); at 128 iterations the overall rate is 3.1 / 1.7 points HIGHER. Adaptive
-    halting solves 55.8% / 56.4% using 20.9 / 20.6 iterations on average. CPU results depend on the machine, the
-    thread count and the order of float sums: with the message sum as a gather (the same arithmetic in another
-    order) the same command gave 98.0% / 94.0% and 55.0% / 52.5% (+2.8 / +3.3 points at 128) here, and 95.0% /
-    97.0% and 53.3% / 53.3% (+3.1 / +2.2 at 128, 56.1% / 50.3% at 256) on another machine of the same kind, where
-    --settle 0 gave 54.4% / 49.4% overall at 32 iterations, 1.1 / 46.7 points lower at 128, 39.2% / 0.0% at 256.
-    The current code (the peer sum's backward written out: the same arithmetic, other summation order), seeds 0 / 1:
-    95.0% / 94.0% and 54.4% / 49.7%, 3.6 / 2.2 points higher at 128, adaptive halting 54.7% / 51.9% at 21.0 / 21.1
-    iterations (339 / 478 s); --settle 0: 53.9% / 47.8%, 13.3 / 43.9 points LOWER at 128; on RRN validation puzzles
-    too (README).
+    CPU result, the default --settle 1 (seeds 0 / 1, one thread each, side by side, 289 / 289 s of training on a
+    shared 2-core x86 machine; 20 test puzzles per givens count): RRN test puzzles with 30-34 givens solved 96.0% /
+    96.0% at 32 iterations, all givens 51.4% / 52.5% (0% with 17 givens); at 128 iterations the overall rate is 5.8 /
+    3.9 points HIGHER. Adaptive halting solves 51.7% / 52.8% using 21.5 / 21.2 iterations on average. --settle was
+    chosen on RRN validation puzzles among 0, 0.1, 0.3, 1 and 3 (README): 1 solves the most at 128 and 256
+    iterations and gives back nothing from 64 to 256 on either seed. The earlier default 0.3 gave 95.0% / 94.0% and
+    54.4% / 49.7% (+3.6 / +2.2 points at 128); --settle 0 53.9% / 47.8% (13.3 / 43.9 points LOWER at 128). CPU
+    results depend on the machine, the thread count and the order of float sums (README).
     Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
     the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
     97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
@@ -86,7 +82,7 @@ class Config:
     # training
     train_iters: int = 32  # iterations with gradient, loss after every one
     progressive: bool = True  # first run 0..train_iters-1 iterations without gradient, then train from that state
-    settle: float = 0.3  # weight of the fixed-point penalty: mean over nodes of ||cell(h_T) - h_T||^2
+    settle: float = 1.0  # weight of the fixed-point penalty: mean over nodes of ||cell(h_T) - h_T||^2
     steps: int = 30000  # 15.4M puzzles: about 17 min at the 15k puzzles/s target
     batch_size: int = 512
     lr: float = 2e-3
