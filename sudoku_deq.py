@@ -32,7 +32,7 @@ A non-finite loss or weight (checked every CHECK_EVERY = 100 steps and at log st
 device every step) rolls the model back to the last good state, up to 100 steps back, and halves the learning rate;
 after 3 such recoveries the run stops with a message, and ckpt.pt keeps the last log step's save, if any.
 Test-time compute: the RRN test solved rate (and share of blank cells right) after k = 1..--iters solver
-iterations, per givens count 17..34.
+iterations, per givens count 17..34 (--eval_set validation to choose settings).
 
 Headline (32 solver iterations in training, 64 at test):
     python sudoku_deq.py --iters 64

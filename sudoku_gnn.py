@@ -410,7 +410,7 @@ def main(cfg):
                          test[hard_group][1][k], cfg.iters, dtype)
     results = {"script": "sudoku_gnn", "config": asdict(cfg), "train_iters": cfg.train_iters, "iters": cfg.iters,
                "acc": acc, "headline": headline, "overthink": {"n_per_givens": cfg.n_overthink, "all": over_acc},
-               "movie": {"givens": hard_group, "test_index": k, "sure_cells_that_changed": flipped},
+               "movie": {"givens": hard_group, "puzzle": k, "sure_cells_that_changed": flipped},
                "val_log": val_log, "train_time_s": train_time, "samples_per_s": samples_per_s,
                "peak_mem_gb": peak_mem_gb(device), "device": device_name(device), "torch": str(torch.__version__),
                "seed": cfg.seed}
