@@ -10,34 +10,38 @@ with the next-city loss after every application; at test time we decode greedily
 1..iters times. `--arch deep|wide` trains the non-recurrent baselines; training FLOPs are counted analytically and
 printed, and `--flop_budget F` sets the steps so that any two runs cost the same. Two held-out splits: `pairs`
 (random pairs, never trained on in either direction) and `sources` (start cities that never start or end a training
-path, headline).
+path, headline), each with a validation twin drawn the same way from other pairs and other cities (validation
+`sources` never ends at a test start city): the training log reads validation `sources`, and `--eval_set validation`
+evaluates on validation instead of test, for choosing settings.
 
   python recurrent_shortest_path.py                        # headline: US map, recurrent, one GPU
   python recurrent_shortest_path.py --arch deep --flop_budget F   # F = train_flops printed by the run above
 
 GPU result: not yet measured.
 
-Neighbour queries: the first hop from an unseen start city is where `sources` paths failed (teacher-forced
-next-hop accuracy 0.53 in the start slot, 0.99 for the same cities mid-path, where the previous city does the work;
-92% of failed paths went wrong on hop one). So each batch also holds `neighbour_frac` x batch_size sequences
-[NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's links: the map alone,
-no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, beat 1 for the recurrent
-model on CPU seeds 0 and 1 (deep: -3.6 and -0.8 points, within noise) and lifted both arms by ~20 points.
+Neighbour queries: the first hop from an unseen start city is where `sources` paths fail (validation, without the
+queries: teacher-forced next-hop accuracy 0.38 in the start slot, 0.995 for the same cities mid-path, where the
+previous city does the work; 92% of failed paths go wrong on hop one). So each batch also holds `neighbour_frac` x
+batch_size sequences [NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's
+links: the map alone, no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, has
+the best mean over seeds 0 and 1 on validation start cities, against 1 and 4, for the recurrent and the wide model
+(CPU; the gaps are within seed noise; README).
 
 CPU (one thread on a shared 2-core machine; every arm trained with the same --flop_budget F, seeds 0-2). Plane map,
 300 cities -> 287 in the largest component, longest path 26 hops:
   OMP_NUM_THREADS=1 python recurrent_shortest_path.py --map plane --n_cities 300 --max_hops 32 --width 64 \\
       --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget F \\
       --seed S [--arch deep|wide]
-  Held-out start cities reached within 5% of optimal, median of 3 seeds, at F = 5.27e12 (949 / 1,104 / 986
-  steps): recurrent 0.768 at k = 8 (0.797 at k = 4 = train_iters), deep (6 blocks) 0.804, wide (3 blocks of
-  width 96) 0.880. The wide model wins at every one of three budgets and every seed; the recurrent model's
-  embeddings give the best probe (R^2 0.92 at 5.27e12), but its accuracy falls from k = 4 to k = 8 in 8 of 9
-  runs, and on a map with paths of up to 36 hops its >= 30-hop paths are no better at k = 16 than at k = 4 and
-  behind deep. At these scales the hard part is the first hop from a start city never trained on: map knowledge
-  that more parameters hold and more iterations do not create. Every run (FLOP-matched table, long paths, US map,
-  screens): README, "recurrent_shortest_path.py"; assets/recurrent_shortest_path_cpu.png (recurrent, F = 5.27e12,
-  seed 0) and assets/recurrent_shortest_path_cpu_long.png (long paths, recurrent, seed 0).
+  Held-out start cities reached within 5% of optimal (test), median of 3 seeds, at F = 5.27e12 (948 / 1,104 / 985
+  steps): recurrent 0.678 at k = 8 (0.699 at k = 4 = train_iters), deep (6 blocks) 0.739, wide (3 blocks of width
+  96) 0.746. Wide has the best median at each of three budgets and beats recurrent in 8 of 9 seed-budget pairs; the
+  embeddings of every arm place the cities (probe R^2 0.82-0.92), but the recurrent model's accuracy falls from
+  k = 4 to k = 8 in 8 of 9 runs, and on a map with paths of up to 36 hops its >= 30-hop paths are worse at k = 16
+  than at k = 4 (best at k = 1) and behind deep and wide. At these scales the hard part is the first hop from a
+  start city never trained on: map knowledge that more parameters hold and more iterations do not create. Every run
+  (FLOP-matched table, long paths, US map, screens): README, "recurrent_shortest_path.py";
+  assets/recurrent_shortest_path_cpu.png (recurrent, F = 5.27e12, seed 0) and
+  assets/recurrent_shortest_path_cpu_long.png (long paths, recurrent, seed 0).
 """
 import csv
 import math
@@ -59,7 +63,7 @@ from common import (StopAfterStep, autocast, device_name, eval_config, load_chec
 
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "uscities.csv")
 BUCKETS = ((1, 9, "1-9"), (10, 19, "10-19"), (20, 29, "20-29"), (30, 10**6, "30+"))  # optimal hops per group
-POOL = 500  # fixed test pairs per split and bucket; --n_test takes the first N of each
+POOL = 500  # fixed held-out pairs per split and bucket; --n_test takes the first N of each
 EARTH_KM = 6371.0
 
 
@@ -72,8 +76,8 @@ class Config:
     n_cities: int = 300  # plane map: number of cities
     degree: float = 8.0  # plane map: link radius chosen for this mean degree
     max_hops: int = 64  # longer shortest paths are dropped (the US map's longest is 60 hops)
-    holdout_frac: float = 0.1  # fraction of cities held out as start cities of the `sources` split
-    data_seed: int = 0  # map, held-out cities and test pairs; independent of --seed
+    holdout_frac: float = 0.1  # share of cities held out as `sources` test start cities; as many for validation
+    data_seed: int = 0  # map, held-out cities and held-out pairs; independent of --seed
     # model
     arch: str = field(default="recurrent", metadata={"choices": ("recurrent", "deep", "wide")})
     width: int = 256  # hidden size (wide: starting point, grown until the FLOPs match the recurrent model)
@@ -91,7 +95,8 @@ class Config:
     eval_every: int = 1000  # log teacher-forced next-hop accuracy every N steps (0 = off)
     # evaluation
     iters: int = 16  # tied-block applications at test time; metrics after each k = 1..iters
-    n_test: int = 0  # first N test pairs of each split and bucket (0 = all 500)
+    eval_set: str = field(default="test", metadata={"choices": ("test", "validation")})  # choose settings on validation
+    n_test: int = 0  # first N pairs of each split and bucket (0 = all 500)
     # system
     device: str = "auto"
     dtype: str = "auto"
@@ -107,8 +112,8 @@ class Config:
             raise ValueError(f"--n_cities must be >= 4, got {self.n_cities}")
         if self.max_hops < 2:
             raise ValueError(f"--max_hops must be >= 2, got {self.max_hops}")
-        if not 0 < self.holdout_frac < 0.5:
-            raise ValueError(f"--holdout_frac must be in (0, 0.5), got {self.holdout_frac}")
+        if not 0 < self.holdout_frac <= 0.25:
+            raise ValueError(f"--holdout_frac must be in (0, 0.25], got {self.holdout_frac}")
         if self.n_layers < 0 or self.n_heads < 1 or self.width % self.n_heads:
             raise ValueError("--n_layers must be >= 0, --n_heads >= 1 and --width a multiple of --n_heads")
         if self.cities_csv and self.map != "us":
@@ -119,7 +124,7 @@ class Config:
             raise ValueError(f"--neighbour_frac must be >= 0, got {self.neighbour_frac}")
 
 
-EVAL_FLAGS = ("iters", "n_test", "device", "dtype", "compile", "out_dir", "ckpt")
+EVAL_FLAGS = ("iters", "eval_set", "n_test", "device", "dtype", "compile", "out_dir", "ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,22 +219,30 @@ class Graph:
         self.sp, pred, self.hops = dijkstra(torch.where(self.adj, self.geo, math.inf))  # (n, n) each
         # next hop from s towards t = predecessor of s on the path t -> s (links are symmetric)
         self.next_hop = pred.T.contiguous()  # (n, n)
+        # held-out start cities: the first m of a random order for test, the next m for validation
         gen = torch.Generator().manual_seed(cfg.data_seed)
-        self.held = torch.zeros(n, dtype=torch.bool)
-        self.held[torch.randperm(n, generator=gen)[:max(1, round(cfg.holdout_frac * n))]] = True
-        hops, held = self.hops.cpu(), self.held
+        m, order = max(1, round(cfg.holdout_frac * n)), torch.randperm(n, generator=gen)
+        hops, held = self.hops.cpu(), torch.zeros(2, n, dtype=torch.bool)  # (test, validation) x city
+        held[0, order[:m]] = held[1, order[m:2 * m]] = True
         ok = (hops >= 1) & (hops <= cfg.max_hops)  # (n, n) also drops s == t
-        # `pairs` draws from a holdout_frac share of the eligible pairs, so small maps keep most pairs for training
-        self.test = {"sources": self._pool(ok & held[:, None], gen, hops, 1.0),
-                     "pairs": self._pool(ok & ~held[:, None] & ~held[None], gen, hops, cfg.holdout_frac)}
-        train_ok = ok & ~held[:, None] & ~held[None]
-        s, t = self.test["pairs"][:2]
-        train_ok[s, t] = train_ok[t, s] = False  # no test pair in either direction
+        train_ok = ok & ~held.any(0)[:, None] & ~held.any(0)[None]
+        self.splits = {}
+        not_goal = torch.zeros_like(held)
+        not_goal[1] = held[0]  # validation `sources` never ends at a test start city
+        for name, starts, banned in zip(("test", "validation"), held, not_goal):
+            s, t, bucket = self._pool(ok & starts[:, None], gen, hops, 1.0)
+            keep = ~banned[t]  # dropped after the draw, so the draws after it (and the training pairs) do not vary
+            # `pairs` draws from a holdout_frac share of the eligible pairs, so small maps keep most for training
+            split = {"sources": (s[keep], t[keep], bucket[keep]),
+                     "pairs": self._pool(train_ok, gen, hops, cfg.holdout_frac)}
+            s, t = split["pairs"][:2]
+            train_ok[s, t] = train_ok[t, s] = False  # no held-out pair in either direction
+            self.splits[name] = split
         self.train_pairs = torch.nonzero(train_ok.flatten()).squeeze(1).to(device)  # flat s * n + t
-        self.held = self.held.to(device)
-        if not len(self.train_pairs) or not all(len(v[0]) for v in self.test.values()):
-            user_error(f"the map's largest connected component (size {n}) leaves no training or no test pairs: link "
-                       f"more cities (--degree, --link_km) or use more of them")
+        self.held = held.any(0).to(device)  # never starts or ends a training path
+        if not len(self.train_pairs) or not all(len(v[0]) for d in self.splits.values() for v in d.values()):
+            user_error(f"the map's largest connected component (size {n}) leaves no training or no held-out pairs: "
+                       f"link more cities (--degree, --link_km) or use more of them")
         print(f"map: {cfg.map}, {n} cities in the largest component, {int(self.adj.sum()) // 2} links, "
               f"longest path {int(hops.max())} hops, {len(self.train_pairs)} training pairs")
 
@@ -386,7 +399,7 @@ def evaluate(model, graph, cfg, device, dtype):
     model.eval()
     acc = {}
     ks = range(1, cfg.iters + 1) if model.recurrent else [cfg.iters]
-    for split, (s, t, bucket) in graph.test.items():
+    for split, (s, t, bucket) in graph.splits[cfg.eval_set].items():
         rank = torch.cat([torch.arange(int((bucket == b).sum())) for b in range(len(BUCKETS))])
         keep = rank < (cfg.n_test or POOL)  # first n_test of each bucket
         s, t, bucket = s[keep].to(device), t[keep].to(device), bucket[keep]
@@ -451,6 +464,9 @@ def main(cfg):
     if cfg.ckpt or cfg.resume:
         if cfg.resume and not cfg.ckpt:
             ckpt = resume_checkpoint(ckpt_path, Config, cfg, (*EVAL_FLAGS, "flop_budget"))  # sets the steps
+        if "eval_set" not in ckpt["config"]:  # saved before validation cities were held out of training
+            user_error(f"checkpoint {cfg.ckpt or ckpt_path} predates the validation split (its validation cities "
+                       f"were training cities): train it again")
         load_weights(model, ckpt["model"])
         step, train_time = ckpt["step"], ckpt["train_time_s"]  # --ckpt: what it was trained for, maybe interrupted
         if cfg.resume and not cfg.ckpt:
@@ -466,8 +482,8 @@ def main(cfg):
     fast = maybe_compile(model, cfg.compile, device)
     k_train = cfg.train_iters if model.recurrent else 1
     warmup = max(1, steps // 20)
-    # teacher-forced log set: about 512 `sources` test pairs spread over all buckets
-    tf_s, tf_t = (v[::max(1, len(v) // 512)].to(device) for v in graph.test["sources"][:2])
+    # teacher-forced log set: about 512 `sources` validation pairs spread over all buckets
+    tf_s, tf_t = (v[::max(1, len(v) // 512)].to(device) for v in graph.splits["validation"]["sources"][:2])
     tf_x, tf_y = graph.paths(tf_s, tf_t, T)  # (N, T) each
     if not cfg.ckpt and step < steps:
         sync(device)
@@ -502,7 +518,7 @@ def main(cfg):
                         pred = model(tf_x, cfg.train_iters, last_only=True)[-1].argmax(-1)
                     hop_acc = ((pred == tf_y) & (tf_y >= 0)).sum() / (tf_y >= 0).sum()
                     rate = (step - start_step) * cfg.batch_size / (time.time() - t0)
-                    log_progress(bar, step, loss=f"{loss.item():.3f}", next_hop_sources=f"{hop_acc.item():.3f}",
+                    log_progress(bar, step, loss=f"{loss.item():.3f}", val_next_hop_sources=f"{hop_acc.item():.3f}",
                                  samples_per_s=f"{rate:.0f}")
                     checkpoint(train_time + time.time() - t0)  # a crash loses at most eval_every steps
             bar.close()
@@ -517,7 +533,7 @@ def main(cfg):
     acc = evaluate(model, graph, cfg, device, dtype)
     probe = probe_r2(model.tok.weight[:graph.n].detach().float().cpu().numpy(), graph.coords)
 
-    def at(key, k=cfg.iters):  # None where a bucket has no test pairs on this map
+    def at(key, k=cfg.iters):  # None where a bucket has no pairs in the evaluated set
         return acc[key][k - 1] if key in acc else None
 
     headline = {"valid_hops_sources": at("valid_hops_sources"), "reach_1.05_sources": at("reach_1.05_sources"),
@@ -536,7 +552,8 @@ def main(cfg):
     curves = {k: acc[k] for k in ("valid_hops_sources", "reach_1.05_sources", "reach_1.05_sources_30+",
                                   "valid_hops_pairs", "reach_1.05_pairs") if k in acc}
     plot_acc_vs_iters(os.path.join(cfg.out_dir, "acc_vs_iters.png"), curves, cfg.train_iters,
-                      f"shortest paths, {cfg.map} map, {cfg.arch}", ylabel="fraction of test pairs / hops")
+                      f"shortest paths, {cfg.map} map, {cfg.arch}, {cfg.eval_set}",
+                      ylabel=f"fraction of {cfg.eval_set} pairs / hops")
     print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items()))
     return results
 

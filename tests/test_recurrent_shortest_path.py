@@ -65,15 +65,34 @@ def test_splits_are_disjoint(data_seed):
     g = plane_graph(80, data_seed, max_hops=12)
     s, t = g.train_pairs // g.n, g.train_pairs % g.n
     assert not g.held[s].any() and not g.held[t].any(), "held-out cities never start or end a training path"
-    train = set(zip(s.tolist(), t.tolist()))
-    ps, pt, _ = g.test["pairs"]
-    assert len(ps) > 0 and not any((a, b) in train or (b, a) in train for a, b in zip(ps.tolist(), pt.tolist()))
-    ss, st, bucket = g.test["sources"]
-    assert g.held[ss].all() and len(ss) > 0
-    assert (g.hops[ss, st] <= 12).all() and (g.hops[s, t] <= 12).all() and (g.hops[s, t] >= 1).all()
-    lo = torch.tensor([b[0] for b in rsp.BUCKETS])[bucket]
-    hi = torch.tensor([b[1] for b in rsp.BUCKETS])[bucket]
-    assert ((g.hops[ss, st] >= lo) & (g.hops[ss, st] <= hi)).all()
+    assert (g.hops[s, t] <= 12).all() and (g.hops[s, t] >= 1).all()
+    seen = set(zip(s.tolist(), t.tolist()))
+    starts = {}
+    for name in ("test", "validation"):
+        ps, pt, _ = g.splits[name]["pairs"]
+        pairs = set(zip(ps.tolist(), pt.tolist()))
+        # neither split's pairs are trained or in the other split, in either direction
+        assert pairs and not (pairs | {(b, a) for a, b in pairs}) & seen
+        assert not g.held[ps].any() and not g.held[pt].any(), "`pairs` is among the training cities"
+        seen |= pairs
+        ss, st, bucket = g.splits[name]["sources"]
+        assert g.held[ss].all() and len(ss) > 0 and (g.hops[ss, st] <= 12).all()
+        lo = torch.tensor([b[0] for b in rsp.BUCKETS])[bucket]
+        hi = torch.tensor([b[1] for b in rsp.BUCKETS])[bucket]
+        assert ((g.hops[ss, st] >= lo) & (g.hops[ss, st] <= hi)).all()
+        starts[name] = set(ss.tolist())
+    # test and validation hold out different start cities, each a holdout_frac share of the map, and validation
+    # paths never end at a test start city
+    assert not starts["test"] & starts["validation"]
+    assert len(starts["test"]) == len(starts["validation"]) == int(g.held.sum()) // 2 == round(0.1 * g.n)
+    assert not set(g.splits["validation"]["sources"][1].tolist()) & starts["test"]
+    # the test start cities and their pairs are the first draws from --data_seed, whatever validation draws later
+    gen = torch.Generator().manual_seed(data_seed)
+    first = torch.zeros(g.n, dtype=torch.bool)
+    first[torch.randperm(g.n, generator=gen)[:round(0.1 * g.n)]] = True
+    ok = (g.hops >= 1) & (g.hops <= 12)
+    assert all(torch.equal(a, b) for a, b in zip(g._pool(ok & first[:, None], gen, g.hops, 1.0),
+                                                 g.splits["test"]["sources"]))
     # held-out cities still appear inside training paths, so the map around them is learnable
     x, y = g.paths(s, t, 13)
     inside = torch.zeros(g.n, dtype=torch.bool)
@@ -171,7 +190,7 @@ def test_train_step_flops_match_a_counted_training_step(arch):
     assert n_nb == 3 and counted == rsp.train_step_flops(cfg, V) - attention
 
 
-def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path):
+def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path, capsys):
     tiny = ["--map", "plane", "--n_cities", "30", "--max_hops", "8", "--n_test", "4", "--width", "16",
             "--train_iters", "2", "--iters", "2", "--batch_size", "8", "--device", "cpu"]
     res = rsp.main(parse_config(rsp.Config, tiny + ["--steps", "3", "--out_dir", str(tmp_path / "a")]))
@@ -179,21 +198,38 @@ def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path):
     deep = rsp.main(parse_config(rsp.Config, tiny + ["--arch", "deep", "--flop_budget", str(budget),
                                                      "--out_dir", str(tmp_path / "b")]))
     assert deep["headline"]["train_flops"] == pytest.approx(budget, rel=0.1)
-    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    ckpt["config"]["width"] = 32
-    torch.save(ckpt, tmp_path / "wrong.pt")
+    saved = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    torch.save({**saved, "config": {**saved["config"], "width": 32}}, tmp_path / "wrong.pt")
     with pytest.raises(SystemExit) as e:
         rsp.main(parse_config(rsp.Config, ["--ckpt", str(tmp_path / "wrong.pt"), "--out_dir", str(tmp_path / "c")]))
     assert e.value.code == 2
     assert not os.path.exists(tmp_path / "c" / "ckpt.pt")
+    # a checkpoint from before the validation split (no eval_set in its config): its validation cities were
+    # training cities, so neither --ckpt nor --resume may use it, and --resume leaves it as it was
+    old = {**saved, "config": {k: v for k, v in saved["config"].items() if k != "eval_set"}}
+    torch.save(old, tmp_path / "a" / "ckpt.pt")
+    before = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    for flags in (["--ckpt", str(tmp_path / "a" / "ckpt.pt"), "--out_dir", str(tmp_path / "d")],
+                  tiny + ["--steps", "6", "--resume", "--out_dir", str(tmp_path / "a")]):
+        with pytest.raises(SystemExit) as e:
+            rsp.main(parse_config(rsp.Config, flags))
+        assert e.value.code == 2 and "predates the validation split" in capsys.readouterr().err
+    assert (tmp_path / "a" / "ckpt.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("bad", [["--holdout_frac", "0.7"], ["--max_hops", "1"], ["--map", "moon"],
+@pytest.mark.parametrize("bad", [["--holdout_frac", "0.3"], ["--max_hops", "1"], ["--map", "moon"],
                                  ["--width", "30", "--n_heads", "4"], ["--neighbour_frac", "-1"]])
 def test_bad_flags_exit_2(bad):
     with pytest.raises(SystemExit) as e:
         parse_config(rsp.Config, bad)
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("n_cities, degree", [(4, 8.0), (30, 0.01)])  # too few cities; no links at all
+def test_a_map_too_small_to_split_exits_2(n_cities, degree, capsys):
+    with pytest.raises(SystemExit) as e:
+        plane_graph(n_cities, 0, degree=degree)
+    assert e.value.code == 2 and "leaves no training or no held-out pairs" in capsys.readouterr().err
 
 
 def test_bad_cities_csv_exits_2(tmp_path):
@@ -206,9 +242,35 @@ def test_bad_cities_csv_exits_2(tmp_path):
         assert e.value.code == 2
 
 
+def test_only_the_final_evaluation_reads_test_pairs(tmp_path, monkeypatch):
+    """Every (start, goal) a run turns into a sequence or decodes, recorded: before the final evaluation (training,
+    the log) only training and validation pairs are read; the final evaluation decodes the --eval_set pairs only."""
+    seen, final = [], []
+    paths, decode, evaluate = rsp.Graph.paths, rsp.decode, rsp.evaluate
+    monkeypatch.setattr(rsp.Graph, "paths", lambda g, s, t, n: seen.append((bool(final), s, t)) or paths(g, s, t, n))
+    monkeypatch.setattr(rsp, "decode", lambda *a: seen.append((bool(final), a[2], a[3])) or decode(*a))
+    monkeypatch.setattr(rsp, "evaluate", lambda *a: final.append(1) or evaluate(*a))
+    g = plane_graph(40, 0, max_hops=12)
+
+    def pair_set(split):
+        return {p for s, t, _ in g.splits[split].values() for p in zip(s.tolist(), t.tolist())}
+    for eval_set in ("validation", "test"):
+        seen.clear()
+        final.clear()
+        rsp.main(parse_config(rsp.Config, [
+            "--map", "plane", "--n_cities", "40", "--max_hops", "12", "--n_test", "8", "--steps", "4", "--iters",
+            "2", "--train_iters", "2", "--width", "16", "--eval_every", "2", "--eval_set", eval_set, "--device",
+            "cpu", "--out_dir", str(tmp_path / eval_set)]))
+        read = {False: set(), True: set()}  # before / in the final evaluation
+        for in_final, s, t in seen:
+            read[in_final] |= set(zip(s.tolist(), t.tolist()))
+        assert read[False] & pair_set("validation") and not read[False] & pair_set("test")
+        assert read[True] and read[True] <= pair_set(eval_set)
+
+
 def test_learns_a_small_map(tmp_path):
-    """30 cities, 200 steps: about half the held-out pairs come out as near-optimal paths (seeds 0-2 gave 0.48-0.55
-    reach within 5% and 0.68-0.70 valid hops at the training depth; an untrained model reaches almost none)."""
+    """30 cities, 200 steps: about half the held-out pairs come out as near-optimal paths (seeds 0-2 gave 0.45-0.53
+    reach within 5% and 0.60-0.66 valid hops at the training depth; an untrained model reaches almost none)."""
     res = rsp.main(parse_config(rsp.Config, [
         "--map", "plane", "--n_cities", "30", "--max_hops", "8", "--width", "32", "--steps", "200", "--batch_size",
         "32", "--lr", "3e-3", "--iters", "3", "--train_iters", "2", "--eval_every", "0", "--n_test", "40",
