@@ -227,8 +227,7 @@ class Graph:
         ok = (hops >= 1) & (hops <= cfg.max_hops)  # (n, n) also drops s == t
         train_ok = ok & ~held.any(0)[:, None] & ~held.any(0)[None]
         self.splits = {}
-        not_goal = torch.zeros_like(held)
-        not_goal[1] = held[0]  # validation `sources` never ends at a test start city
+        not_goal = (torch.zeros(n, dtype=torch.bool), held[0])  # validation `sources` never ends at a test start city
         for name, starts, banned in zip(("test", "validation"), held, not_goal):
             s, t, bucket = self._pool(ok & starts[:, None], gen, hops, 1.0)
             keep = ~banned[t]  # dropped after the draw, so the draws after it (and the training pairs) do not vary
