@@ -13,7 +13,7 @@ pool) matches a held-out grid's; `--confirm` checks with exact canonical forms (
 dropped grid is truly equivalent, i.e. that the invariant drops nothing it should keep.
 
   python sudoku_data.py                          # split counts + sampler throughput
-  python sudoku_data.py --confirm                # ... and confirm every dropped grid with canonical forms (~2 min)
+  python sudoku_data.py --confirm                # ... and confirm every dropped grid with canonical forms (1-2 min)
   python sudoku_data.py --solve sudoku17.txt     # regenerate data/sudoku17.csv.xz from Royle's list (~minutes)
 """
 import argparse
@@ -331,7 +331,7 @@ def _relabel_normal(sol):
 
 
 def confirm_split():
-    """Slow exact check (about a minute): every dropped pool grid has a held-out grid with the same canonical form."""
+    """Slow exact check (1-2 minutes): every dropped pool grid has a held-out grid with the same canonical form."""
     quiz, sol = read_puzzles(POOL_FILE)
     held_canon = {canonical_grid(g) for g in held_out_solutions()}
     train_sol = train_pool(verbose=False)[1]

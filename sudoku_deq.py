@@ -480,7 +480,7 @@ def main(cfg):
                 speed = (step - start) * cfg.batch_size / (t_eval - t0 - eval_s)
                 model.eval()
                 with autocast(device, dtype):
-                    rho = spectral_radius(model.f(x_gates[-SPEC_N:]), h_star[-SPEC_N:])  # not the penalised ones
+                    rho = spectral_radius(model.f(x_gates[-SPEC_N:]), h_star[-SPEC_N:])  # unpenalised at batches >= 128
                 val_acc = evaluate(model, val, cfg, cfg.train_iters, dtype, fast_cell, radius=False)[0]["all"][-1]
                 with torch.no_grad():  # blank cells right at h*: moves long before whole puzzles are solved
                     cell_acc = ((model.head(h_star).argmax(-1) + 1 == sol) & (quiz == 0)).sum() / (quiz == 0).sum()

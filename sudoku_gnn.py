@@ -45,7 +45,7 @@ CPU-scale version (trained on easy puzzles, 30-34 givens; width 32, 8 iterations
     iterations and gives back nothing from 64 to 256 on either seed. The earlier default 0.3 gave 95.0% / 94.0% and
     54.4% / 49.7% (+3.6 / +2.2 points at 128); --settle 0 53.9% / 47.8% (13.3 / 43.9 points LOWER at 128). CPU
     results depend on the machine, the thread count and the order of float sums (README).
-    Tried and not kept (with the gather): Muon (grokking_mod97.py's optimiser: momentum 0.95, update RMS 0.35 lr) on
+    Tried and not kept (with the gather): Muon (as in grokking_mod97.py, with momentum 0.95 and update RMS 0.35 lr) on
     the three input-gate, message and GRU weight matrices, AdamW for the rest: 52.8% / 43.1% overall, 30-34 givens
     97.0% / 94.0% (with --steps 750 it was ahead: 50.3 / 50.0% vs AdamW's 46.4 / 46.1%).
     Equal training wall-clock against sudoku_deq.py with these flags: README, "sudoku_deq.py".
