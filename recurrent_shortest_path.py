@@ -10,9 +10,9 @@ with the next-city loss after every application; at test time we decode greedily
 1..iters times. `--arch deep|wide` trains the non-recurrent baselines; training FLOPs are counted analytically and
 printed, and `--flop_budget F` sets the steps so that any two runs cost the same. Two held-out splits: `pairs`
 (random pairs, never trained on in either direction) and `sources` (start cities that never start or end a training
-path, headline), each with a validation twin drawn the same way from other pairs and other cities (validation
-`sources` never ends at a test start city): the training log reads validation `sources`, and `--eval_set validation`
-evaluates on validation instead of test, for choosing settings.
+path, headline), each with a validation twin drawn the same way from other pairs and other cities (a `sources` path
+never ends at the other split's start cities): the training log reads validation `sources`, and `--eval_set
+validation` evaluates on validation instead of test, for choosing settings.
 
   python recurrent_shortest_path.py                        # headline: US map, recurrent, one GPU
   python recurrent_shortest_path.py --arch deep --flop_budget F   # F = train_flops printed by the run above
@@ -20,7 +20,7 @@ evaluates on validation instead of test, for choosing settings.
 GPU result: not yet measured.
 
 Neighbour queries: the first hop from an unseen start city is where `sources` paths fail (validation, without the
-queries: teacher-forced next-hop accuracy 0.38 in the start slot, 0.995 for the same cities mid-path, where the
+queries: teacher-forced next-hop accuracy 0.38 in the start slot, 0.994 for the same cities mid-path, where the
 previous city does the work; 92% of failed paths go wrong on hop one). So each batch also holds `neighbour_frac` x
 batch_size sequences [NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's
 links: the map alone, no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, has
@@ -96,7 +96,7 @@ class Config:
     # evaluation
     iters: int = 16  # tied-block applications at test time; metrics after each k = 1..iters
     eval_set: str = field(default="test", metadata={"choices": ("test", "validation")})  # choose settings on validation
-    n_test: int = 0  # first N pairs of each split and bucket (0 = all 500)
+    n_test: int = 0  # first N pairs of each split and bucket (0 = all: up to POOL)
     # system
     device: str = "auto"
     dtype: str = "auto"
@@ -122,6 +122,8 @@ class Config:
             raise ValueError(f"--flop_budget must be >= 0, got {self.flop_budget}")
         if self.neighbour_frac < 0:
             raise ValueError(f"--neighbour_frac must be >= 0, got {self.neighbour_frac}")
+        if not 0 <= self.n_test <= POOL:
+            raise ValueError(f"--n_test must be in [0, {POOL}], got {self.n_test}")
 
 
 EVAL_FLAGS = ("iters", "eval_set", "n_test", "device", "dtype", "compile", "out_dir", "ckpt")
@@ -227,12 +229,11 @@ class Graph:
         ok = (hops >= 1) & (hops <= cfg.max_hops)  # (n, n) also drops s == t
         train_ok = ok & ~held.any(0)[:, None] & ~held.any(0)[None]
         self.splits = {}
-        not_goal = (torch.zeros(n, dtype=torch.bool), held[0])  # validation `sources` never ends at a test start city
-        for name, starts, banned in zip(("test", "validation"), held, not_goal):
-            s, t, bucket = self._pool(ok & starts[:, None], gen, hops, 1.0)
-            keep = ~banned[t]  # dropped after the draw, so the draws after it (and the training pairs) do not vary
-            # `pairs` draws from a holdout_frac share of the eligible pairs, so small maps keep most for training
-            split = {"sources": (s[keep], t[keep], bucket[keep]),
+        for name, starts, other in zip(("test", "validation"), held, held.flip(0)):
+            # `sources` ends at a training city or at one of its own start cities, never at the other split's: the
+            # two mirror each other, and no validation pair is the reverse of a test pair. `pairs` draws from a
+            # holdout_frac share of the eligible pairs, so small maps keep most for training
+            split = {"sources": self._pool(ok & starts[:, None], gen, hops, 1.0, goals=~other),
                      "pairs": self._pool(train_ok, gen, hops, cfg.holdout_frac)}
             s, t = split["pairs"][:2]
             train_ok[s, t] = train_ok[t, s] = False  # no held-out pair in either direction
@@ -245,10 +246,13 @@ class Graph:
         print(f"map: {cfg.map}, {n} cities in the largest component, {int(self.adj.sum()) // 2} links, "
               f"longest path {int(hops.max())} hops, {len(self.train_pairs)} training pairs")
 
-    def _pool(self, mask, gen, hops, share):
-        """Up to POOL random pairs per bucket of optimal hops, in a fixed order: (s, t, bucket) tensors."""
+    def _pool(self, mask, gen, hops, share, goals=None):
+        """Up to POOL random pairs per bucket of optimal hops, in a fixed order: (s, t, bucket) tensors. `goals`
+        (n,) keeps only pairs ending there, filtered after the draw, so the draws after it do not depend on it."""
         flat = torch.nonzero(mask.flatten()).squeeze(1)
         flat = flat[torch.randperm(len(flat), generator=gen)][:max(1, round(share * len(flat)))]
+        if goals is not None:
+            flat = flat[goals[flat % self.n]]
         h = hops.flatten()[flat]
         picked = [(flat[(h >= lo) & (h <= hi)][:POOL], b) for b, (lo, hi, _) in enumerate(BUCKETS)]
         flat = torch.cat([p for p, _ in picked])
@@ -481,7 +485,7 @@ def main(cfg):
     fast = maybe_compile(model, cfg.compile, device)
     k_train = cfg.train_iters if model.recurrent else 1
     warmup = max(1, steps // 20)
-    # teacher-forced log set: about 512 `sources` validation pairs spread over all buckets
+    # teacher-forced log set: every (len // 512)-th validation `sources` pair, 512 to 1,023 over all buckets
     tf_s, tf_t = (v[::max(1, len(v) // 512)].to(device) for v in graph.splits["validation"]["sources"][:2])
     tf_x, tf_y = graph.paths(tf_s, tf_t, T)  # (N, T) each
     if not cfg.ckpt and step < steps:

@@ -81,18 +81,23 @@ def test_splits_are_disjoint(data_seed):
         hi = torch.tensor([b[1] for b in rsp.BUCKETS])[bucket]
         assert ((g.hops[ss, st] >= lo) & (g.hops[ss, st] <= hi)).all()
         starts[name] = set(ss.tolist())
-    # test and validation hold out different start cities, each a holdout_frac share of the map, and validation
-    # paths never end at a test start city
+    # test and validation hold out different start cities, each a holdout_frac share of the map, and each split's
+    # `sources` ends at a training city or at one of its own start cities, never at the other split's
     assert not starts["test"] & starts["validation"]
     assert len(starts["test"]) == len(starts["validation"]) == int(g.held.sum()) // 2 == round(0.1 * g.n)
-    assert not set(g.splits["validation"]["sources"][1].tolist()) & starts["test"]
-    # the test start cities and their pairs are the first draws from --data_seed, whatever validation draws later
+    for name, other in (("test", "validation"), ("validation", "test")):
+        assert not set(g.splits[name]["sources"][1].tolist()) & starts[other]
+    # test `sources` is the first draw from --data_seed, whatever validation draws later: the first m cities of a
+    # permutation start, and the pairs come in the order of a permutation of theirs, grouped by bucket
     gen = torch.Generator().manual_seed(data_seed)
-    first = torch.zeros(g.n, dtype=torch.bool)
-    first[torch.randperm(g.n, generator=gen)[:round(0.1 * g.n)]] = True
+    order = torch.randperm(g.n, generator=gen).tolist()
+    m = round(0.1 * g.n)
     ok = (g.hops >= 1) & (g.hops <= 12)
-    assert all(torch.equal(a, b) for a, b in zip(g._pool(ok & first[:, None], gen, g.hops, 1.0),
-                                                 g.splits["test"]["sources"]))
+    candidates = [(s, t) for s in range(g.n) for t in range(g.n) if ok[s, t] and s in order[:m]]
+    drawn = [candidates[i] for i in torch.randperm(len(candidates), generator=gen).tolist()]
+    kept = [(s, t) for s, t in drawn if t not in order[m:2 * m]]
+    expected = [p for lo, hi, _ in rsp.BUCKETS for p in [p for p in kept if lo <= g.hops[p] <= hi][:rsp.POOL]]
+    assert list(zip(*(v.tolist() for v in g.splits["test"]["sources"][:2]))) == expected
     # held-out cities still appear inside training paths, so the map around them is learnable
     x, y = g.paths(s, t, 13)
     inside = torch.zeros(g.n, dtype=torch.bool)
@@ -218,7 +223,7 @@ def test_flop_budget_sets_steps_and_bad_checkpoint_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--holdout_frac", "0.3"], ["--max_hops", "1"], ["--map", "moon"],
-                                 ["--width", "30", "--n_heads", "4"], ["--neighbour_frac", "-1"]])
+                                 ["--width", "30", "--n_heads", "4"], ["--neighbour_frac", "-1"], ["--n_test", "501"]])
 def test_bad_flags_exit_2(bad):
     with pytest.raises(SystemExit) as e:
         parse_config(rsp.Config, bad)
