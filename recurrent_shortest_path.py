@@ -24,8 +24,7 @@ queries: teacher-forced next-hop accuracy 0.38 in the start slot, 0.994 for the 
 previous city does the work; 92% of failed paths go wrong on hop one). So each batch also holds `neighbour_frac` x
 batch_size sequences [NEIGHBOUR, c] for random cities c, held-out ones included, whose target is uniform over c's
 links: the map alone, no goal and no pair. Both arms get them, and their FLOPs are counted. The default, 2, has
-the best mean over seeds 0 and 1 on validation start cities, against 1 and 4, for the recurrent and the wide model
-(CPU; the gaps are within seed noise; README).
+the best mean over seeds 0 and 1 on validation start cities, against 1 and 4, for recurrent and wide (CPU; README).
 
 CPU (one thread on a shared 2-core machine; every arm trained with the same --flop_budget F, seeds 0-2). Plane map,
 300 cities -> 287 in the largest component, longest path 26 hops:
@@ -33,13 +32,13 @@ CPU (one thread on a shared 2-core machine; every arm trained with the same --fl
       --batch_size 64 --lr 2e-3 --iters 8 --n_test 100 --eval_every 500 --device cpu --flop_budget F \\
       --seed S [--arch deep|wide]
   Held-out start cities reached within 5% of optimal (test), median of 3 seeds, at F = 5.27e12 (948 / 1,104 / 985
-  steps): recurrent 0.678 at k = 8 (0.699 at k = 4 = train_iters), deep (6 blocks) 0.739, wide (3 blocks of width
-  96) 0.746. Wide has the best median at each of three budgets and beats recurrent in 8 of 9 seed-budget pairs; the
-  embeddings of every arm place the cities (probe R^2 0.82-0.92), but the recurrent model's accuracy falls from
-  k = 4 to k = 8 in 8 of 9 runs, and on a map with paths of up to 36 hops its >= 30-hop paths are worse at k = 16
-  than at k = 4 (best at k = 1) and behind deep and wide. At these scales the hard part is the first hop from a
-  start city never trained on: map knowledge that more parameters hold and more iterations do not create. Every run
-  (FLOP-matched table, long paths, US map, screens): README, "recurrent_shortest_path.py";
+  steps): recurrent 0.737 at k = 8 (0.760 at k = 4 = train_iters), deep (6 blocks) 0.836, wide (3 blocks of width 96)
+  0.828; with each arm's lr chosen on validation (recurrent 8e-3, deep and wide 4e-3) 0.832, 0.840 and 0.874. A
+  non-recurrent arm has the best median at each of three budgets and wide beats recurrent in all 9 seed-budget pairs;
+  the embeddings of every arm place the cities (probe R^2 0.82-0.92), but recurrent accuracy falls from k = 4 to 8 in
+  7 of 9 runs, and on a map with paths of up to 36 hops its >= 30-hop paths are worse at k = 16 than at k = 4 (best
+  at k = 1) and behind deep and wide. At these scales the hard part is the first hop from a start city never trained
+  on: map knowledge that more parameters hold and more iterations do not create. Every run: README;
   assets/recurrent_shortest_path_cpu.png (recurrent, F = 5.27e12, seed 0) and
   assets/recurrent_shortest_path_cpu_long.png (long paths, recurrent, seed 0).
 """
