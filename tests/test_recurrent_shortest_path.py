@@ -87,17 +87,18 @@ def test_splits_are_disjoint(data_seed):
     assert len(starts["test"]) == len(starts["validation"]) == int(g.held.sum()) // 2 == round(0.1 * g.n)
     for name, other in (("test", "validation"), ("validation", "test")):
         assert not set(g.splits[name]["sources"][1].tolist()) & starts[other]
-    # test `sources` is the first draw from --data_seed, whatever validation draws later: the first m cities of a
-    # permutation start, and the pairs come in the order of a permutation of theirs, grouped by bucket
+    # test `sources` is the first draw from --data_seed, whatever validation draws later: its start cities are the
+    # first m of a permutation of the cities, its pairs come in the order of the next permutation (less those
+    # ending at a validation start city), grouped by bucket
     gen = torch.Generator().manual_seed(data_seed)
     order = torch.randperm(g.n, generator=gen).tolist()
     m = round(0.1 * g.n)
     ok = (g.hops >= 1) & (g.hops <= 12)
-    candidates = [(s, t) for s in range(g.n) for t in range(g.n) if ok[s, t] and s in order[:m]]
+    candidates = [(a, b) for a in range(g.n) for b in range(g.n) if ok[a, b] and a in order[:m]]
     drawn = [candidates[i] for i in torch.randperm(len(candidates), generator=gen).tolist()]
-    kept = [(s, t) for s, t in drawn if t not in order[m:2 * m]]
-    expected = [p for lo, hi, _ in rsp.BUCKETS for p in [p for p in kept if lo <= g.hops[p] <= hi][:rsp.POOL]]
-    assert list(zip(*(v.tolist() for v in g.splits["test"]["sources"][:2]))) == expected
+    kept = [(a, b) for a, b in drawn if b not in order[m:2 * m]]
+    groups = [[p for p in kept if lo <= g.hops[p] <= hi][:rsp.POOL] for lo, hi, _ in rsp.BUCKETS]
+    assert list(zip(*(v.tolist() for v in g.splits["test"]["sources"][:2]))) == [p for grp in groups for p in grp]
     # held-out cities still appear inside training paths, so the map around them is learnable
     x, y = g.paths(s, t, 13)
     inside = torch.zeros(g.n, dtype=torch.bool)
