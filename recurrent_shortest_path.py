@@ -225,8 +225,8 @@ class Graph:
         m, order = max(1, round(cfg.holdout_frac * n)), torch.randperm(n, generator=gen)
         hops, held = self.hops.cpu(), torch.zeros(2, n, dtype=torch.bool)  # (test, validation) x city
         held[0, order[:m]] = held[1, order[m:2 * m]] = True
-        ok = (hops >= 1) & (hops <= cfg.max_hops)  # (n, n) also drops s == t
-        train_ok = ok & ~held.any(0)[:, None] & ~held.any(0)[None]
+        ok, any_held = (hops >= 1) & (hops <= cfg.max_hops), held.any(0)  # ok also drops s == t
+        train_ok = ok & ~any_held[:, None] & ~any_held[None]
         self.splits = {}
         for name, starts, other in zip(("test", "validation"), held, held.flip(0)):
             # `sources` ends at a training city or at one of its own start cities, never at the other split's: the
@@ -238,7 +238,7 @@ class Graph:
             train_ok[s, t] = train_ok[t, s] = False  # no held-out pair in either direction
             self.splits[name] = split
         self.train_pairs = torch.nonzero(train_ok.flatten()).squeeze(1).to(device)  # flat s * n + t
-        self.held = held.any(0).to(device)  # never starts or ends a training path
+        self.held = any_held.to(device)  # never starts or ends a training path
         if not len(self.train_pairs) or not all(len(v[0]) for d in self.splits.values() for v in d.values()):
             user_error(f"the map's largest connected component (size {n}) leaves no training or no held-out pairs: "
                        f"link more cities (--degree, --link_km) or use more of them")
